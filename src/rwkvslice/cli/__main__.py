@@ -1,0 +1,5 @@
+import sys
+
+from rwkvslice.cli import main
+
+sys.exit(main())
