@@ -1,0 +1,333 @@
+"""RWKV-7 ("Goose", x070), as the official RWKV-LM code defines it. Read it top to bottom.
+
+Parameter names and shapes are the official state-dict layout, so `state_dict()` *is* an official
+checkpoint (see model/official.py for loading and saving `.pth` files).
+
+Two ways to run the same weights:
+- GPT mode, `model(idx)`: the whole sequence at once (training, prefill);
+- RNN mode, `model.step(tokens, state)`: one token at a time, O(1) per token (generation).
+Both carry an `RWKV7State` (token-shift vectors and the WKV state) and give the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rwkvslice.model.config import RWKV7Config
+from rwkvslice.ops import wkv7
+
+LN_X_EPS = 64e-5  # the official GroupNorm eps ("!!! notice eps value !!!"), fixed for every head size
+
+
+@dataclasses.dataclass
+class RWKV7State:
+    """Recurrent state of the whole model for a batch of B sequences.
+
+    att_shift: (L, B, C) last input of each TimeMix (for its token shift)
+    wkv:       (L, B, H, N, N) fp32 WKV state, official [value][key] layout
+    ffn_shift: (L, B, C) last input of each ChannelMix
+    """
+
+    att_shift: torch.Tensor
+    wkv: torch.Tensor
+    ffn_shift: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[1]
+
+    def clone(self) -> RWKV7State:
+        return RWKV7State(self.att_shift.clone(), self.wkv.clone(), self.ffn_shift.clone())
+
+    def to(self, device) -> RWKV7State:
+        return RWKV7State(self.att_shift.to(device), self.wkv.to(device), self.ffn_shift.to(device))
+
+    def index_select(self, batch_indices: torch.Tensor) -> RWKV7State:
+        i = batch_indices.to(self.wkv.device)
+        return RWKV7State(self.att_shift[:, i], self.wkv[:, i], self.ffn_shift[:, i])
+
+
+def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """x_prev - x, where x_prev[t] = x[t-1] and x_prev[0] is the carried `last` (zeros at the start)."""
+    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1) - x
+
+
+def _wkv_single_step(r, w, k, v, a, b, S):
+    """One step of the WKV-7 recurrence for (B, 1, H, N) inputs; RNN mode's O(1) path (fp32 state)."""
+    r, w, k, v, a, b = (t[:, 0].float() for t in (r, w, k, v, a, b))
+    decay = torch.exp(-torch.exp(w))
+    sa = (S @ a[..., None]).squeeze(-1)
+    S = S * decay[:, :, None, :] + sa[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :]
+    y = (S @ r[..., None]).squeeze(-1)
+    return y[:, None], S
+
+
+class TimeMix(nn.Module):
+    """RWKV_Tmix_x070: token shift, six mixes, LoRAs for decay / in-context rate / value residual / gate,
+    the WKV-7 recurrence, GroupNorm, the bonus term and the gated output."""
+
+    def __init__(self, config: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        self.n_head, self.head_size = H, N
+        self.x_r = nn.Parameter(torch.empty(1, 1, C))
+        self.x_w = nn.Parameter(torch.empty(1, 1, C))
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.x_v = nn.Parameter(torch.empty(1, 1, C))
+        self.x_a = nn.Parameter(torch.empty(1, 1, C))
+        self.x_g = nn.Parameter(torch.empty(1, 1, C))
+        self.w0 = nn.Parameter(torch.empty(1, 1, C))
+        self.w1 = nn.Parameter(torch.empty(C, config.d_decay))
+        self.w2 = nn.Parameter(torch.empty(config.d_decay, C))
+        self.a0 = nn.Parameter(torch.empty(1, 1, C))
+        self.a1 = nn.Parameter(torch.empty(C, config.d_aaa))
+        self.a2 = nn.Parameter(torch.empty(config.d_aaa, C))
+        if layer_id > 0:  # layer 0 *defines* v_first, so it has no value-residual LoRA
+            self.v0 = nn.Parameter(torch.empty(1, 1, C))
+            self.v1 = nn.Parameter(torch.empty(C, config.d_mv))
+            self.v2 = nn.Parameter(torch.empty(config.d_mv, C))
+        self.g1 = nn.Parameter(torch.empty(C, config.d_gate))
+        self.g2 = nn.Parameter(torch.empty(config.d_gate, C))
+        self.k_k = nn.Parameter(torch.empty(1, 1, C))
+        self.k_a = nn.Parameter(torch.empty(1, 1, C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+
+    def forward(self, x, v_first, shift=None, wkv_state=None, backend="auto"):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _token_shift(x, shift)
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # soft clamp: decay > 0.545
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:  # value residual: mix in the first layer's values
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+
+        def heads(t):
+            return t.view(B, T, H, N)
+
+        args = (heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a))
+        if T == 1 and wkv_state is not None:
+            y, wkv_state = _wkv_single_step(*args, wkv_state)
+            y = y.to(r.dtype)
+        else:
+            y, wkv_state = wkv7(*args, state=wkv_state, backend=backend)
+
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """RWKV_CMix_x070: token shift, then relu(key(x))**2 -> value. Hidden size 4C."""
+
+    def __init__(self, config: RWKV7Config, layer_id: int):
+        super().__init__()
+        C = config.n_embd
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, config.dim_ffn, bias=False)
+        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def forward(self, x, shift=None):
+        xx = _token_shift(x, shift)
+        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        return self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, config: RWKV7Config, layer_id: int):
+        super().__init__()
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)  # applied to the embedding, in layer 0 only
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = TimeMix(config, layer_id)
+        self.ffn = ChannelMix(config, layer_id)
+
+
+class RWKV7(nn.Module):
+    def __init__(self, config: RWKV7Config):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------
+    # The official initialisation (RWKV-LM train_temp: the module inits, then generate_init_weight).
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.config
+        C, N, L, V = cfg.n_embd, cfg.head_size, cfg.n_layer, cfg.vocab_size
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = (n / C).view(1, 1, C)
+        linear = n / (C - 1) - 0.5 if C > 1 else n * 0
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2) if N > 1 else n * 0
+        zigzag = zigzag * zigzag.abs()
+
+        def ortho(p: torch.Tensor, scale: float):
+            rows, cols = p.shape
+            gain = scale * math.sqrt(rows / cols) if rows > cols else scale
+            nn.init.orthogonal_(p, gain=gain)
+
+        for layer_id, block in enumerate(self.blocks):
+            att, ffn = block.att, block.ffn
+            ratio_0_to_1 = layer_id / (L - 1) if L > 1 else 0.0
+            ratio_1_to_almost0 = 1.0 - layer_id / L
+            for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                getattr(att, name).copy_(1.0 - ddd.pow(p * ratio_1_to_almost0))
+            www = -6 + 6 * (n / max(C - 1, 1)).pow(1 + ratio_0_to_1**0.3)
+            att.w0.copy_((www + 0.5 + zigzag * 2.5).view(1, 1, C))
+            att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+            att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
+            att.k_a.fill_(1.02)
+            att.r_k.fill_(-0.04)
+            lora_pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+            if layer_id > 0:
+                att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+                lora_pairs.append((att.v1, att.v2))
+            for down, up in lora_pairs:
+                down.zero_()
+                ortho(up, 0.1)
+            # generate_init_weight: orthogonal 2-D weights; zero for the output projections
+            for lin, scale in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (ffn.key, 1.0)):
+                ortho(lin.weight, scale)
+            att.output.weight.zero_()
+            ffn.value.weight.zero_()
+            att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
+            att.ln_x.bias.zero_()
+            ffn.x_k.copy_(1.0 - ddd.pow(ratio_1_to_almost0**4))
+            for ln in (block.ln1, block.ln2, getattr(block, "ln0", None)):
+                if ln is not None:
+                    ln.reset_parameters()
+        self.ln_out.reset_parameters()
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        ortho(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+
+    # ----------------------------------------------------------------------------------------------
+    # Running the model.
+
+    def init_state(self, batch_size: int, device=None) -> RWKV7State:
+        cfg = self.config
+        device = device or self.emb.weight.device
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        dtype = self.emb.weight.dtype
+        return RWKV7State(
+            att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+        )
+
+    def hidden_states(self, idx: torch.Tensor, *, state: RWKV7State | None = None, backend: str = "auto"):
+        """Hidden states after ln_out, (B, T, C), and the state after the sequence."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        x = self.emb(idx)
+        v_first = None
+        att_shift, wkv_states, ffn_shift = [], [], []
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            s_att, s_wkv, s_ffn = (None, None, None) if state is None else (
+                state.att_shift[i], state.wkv[i], state.ffn_shift[i])
+            dx, v_first, s_att, s_wkv = block.att(block.ln1(x), v_first, s_att, s_wkv, backend)
+            x = x + dx
+            dx, s_ffn = block.ffn(block.ln2(x), s_ffn)
+            x = x + dx
+            att_shift.append(s_att)
+            wkv_states.append(s_wkv)
+            ffn_shift.append(s_ffn)
+        new_state = RWKV7State(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
+        return self.ln_out(x), new_state
+
+    def forward(self, idx, *, state=None, positions=None, return_state=False, backend="auto"):
+        """Logits (B, T, V); with positions="last" (B, 1, V); with a (B, K) index tensor (B, K, V).
+
+        Only the rows asked for go through the head (inference-side slicing).
+        """
+        h, new_state = self.hidden_states(idx, state=state, backend=backend)
+        if positions is not None:
+            if isinstance(positions, str):
+                if positions != "last":
+                    raise ValueError(f"positions must be None, 'last' or a (B, K) tensor, got {positions!r}")
+                h = h[:, -1:]
+            else:
+                positions = positions.to(h.device)
+                if positions.dim() != 2 or positions.shape[0] != h.shape[0]:
+                    raise ValueError(f"positions must be (B, K), got shape {tuple(positions.shape)}")
+                h = torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.head(h)
+        return (logits, new_state) if return_state else logits
+
+    def step(self, tokens: torch.Tensor, state: RWKV7State):
+        """RNN mode: one token per sequence. tokens (B,) -> logits (B, V) and the next state."""
+        logits, state = self.forward(tokens.view(-1, 1), state=state, return_state=True)
+        return logits[:, 0], state
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, num_items=None) -> torch.Tensor:
+        """Cross-entropy where targets != -100, computed on those positions only (physical slicing).
+
+        targets[b, t] is the token that should follow idx[b, t]. Returns sum / (num_items or N kept).
+        """
+        from rwkvslice.slicing import sliced_cross_entropy
+
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx {tuple(idx.shape)}")
+        h, _ = self.hidden_states(idx)
+        return sliced_cross_entropy(h, self.head.weight, targets, num_items=num_items)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints.
+
+    @classmethod
+    def from_official(cls, path: str | Path) -> RWKV7:
+        """Load an official x070 `.pth` (RWKV-LM / the `rwkv` package layout). See model/official.py."""
+        from rwkvslice.model.official import load_official
+
+        return load_official(path, cls)
+
+    def save_official(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write a `.pth` the official `rwkv` package loads and runs."""
+        from rwkvslice.model.official import save_official
+
+        save_official(self, path, dtype=dtype)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `directory/model.safetensors` and `directory/config.json` (atomically)."""
+        from rwkvslice.model.official import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location="cpu") -> RWKV7:
+        from rwkvslice.model.official import load_pretrained
+
+        return load_pretrained(directory, cls, map_location=map_location)
