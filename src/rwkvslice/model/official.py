@@ -77,7 +77,7 @@ def config_from_state_dict(sd: dict, path: Path) -> RWKV7Config:
         raise CheckpointError(f"{path}: missing every key of block {missing_layers[0]}")
 
     def rank(name: str) -> int:
-        for i in range(n_layer):  # block 0 may lack v1 (it is unused there)
+        for i in [*range(1, n_layer), 0]:  # block 0's v1 is unused (and may be absent): read it last
             key = f"blocks.{i}.att.{name}"
             if key in sd:
                 return int(sd[key].shape[-1])

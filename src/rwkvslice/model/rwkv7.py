@@ -193,7 +193,7 @@ class RWKV7(nn.Module):
         zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2) if N > 1 else n * 0
         zigzag = zigzag * zigzag.abs()
 
-        def ortho(p: torch.Tensor, scale: float):
+        def ortho(p: torch.Tensor, scale: float):  # the LoRA init (ortho_init in RWKV_Tmix_x070)
             rows, cols = p.shape
             gain = scale * math.sqrt(rows / cols) if rows > cols else scale
             nn.init.orthogonal_(p, gain=gain)
@@ -218,8 +218,8 @@ class RWKV7(nn.Module):
                 down.zero_()
                 ortho(up, 0.1)
             # generate_init_weight: orthogonal 2-D weights; zero for the output projections
-            for lin, scale in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (ffn.key, 1.0)):
-                ortho(lin.weight, scale)
+            for lin, gain in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (ffn.key, 1.0)):
+                nn.init.orthogonal_(lin.weight, gain=gain)
             att.output.weight.zero_()
             ffn.value.weight.zero_()
             att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
@@ -230,7 +230,7 @@ class RWKV7(nn.Module):
                     ln.reset_parameters()
         self.ln_out.reset_parameters()
         nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
-        ortho(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
 
     # ----------------------------------------------------------------------------------------------
     # Running the model.

@@ -1,0 +1,169 @@
+"""The RWKV-7 module: config, official init, GPT mode == RNN mode, state passing, inference slicing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvslice import RWKV7, RWKV7Config
+from rwkvslice.errors import ConfigError
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def randomized(model: RWKV7, seed: int = 0, scale: float = 0.2) -> RWKV7:
+    """The official init zeroes the output projections; perturb so every layer contributes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomized(RWKV7(RWKV7Config(vocab_size=97, n_embd=64, n_layer=3, head_size=16))).eval()
+
+
+def test_lora_ranks_follow_official_formula():
+    # RWKV7-World 0.1B (C=768) uses 64/64/32/128, which is what the official formula gives.
+    cfg = RWKV7Config(vocab_size=65536, n_embd=768, n_layer=12)
+    assert (cfg.d_decay, cfg.d_aaa, cfg.d_mv, cfg.d_gate) == (64, 64, 32, 128)
+    cfg = RWKV7Config(vocab_size=65536, n_embd=4096, n_layer=32)  # 2.5*64=160 -> 160; 1.7*64=108.8 -> 96
+    assert (cfg.d_decay, cfg.d_aaa, cfg.d_mv, cfg.d_gate) == (160, 160, 96, 320)
+    assert cfg.n_head == 64 and cfg.dim_ffn == 4 * 4096
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"vocab_size": 0, "n_embd": 64, "n_layer": 1}, "vocab_size"),
+        ({"vocab_size": 10, "n_embd": 100, "n_layer": 1, "head_size": 64}, "multiple of head_size"),
+        ({"vocab_size": 10, "n_embd": 64, "n_layer": 1, "d_gate": -1}, "d_gate"),
+    ],
+)
+def test_bad_config_raises_config_error(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RWKV7Config(**kwargs)
+
+
+def test_config_round_trip_and_presets():
+    cfg = RWKV7Config(vocab_size=300, n_embd=128, n_layer=2, head_size=32, d_gate=96)
+    assert RWKV7Config.from_dict(cfg.to_dict()) == cfg
+    assert RWKV7Config.preset("0.1b", 65536).n_embd == 768
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        RWKV7Config.preset("huge", 100)
+    with pytest.raises(ConfigError, match="unknown field"):
+        RWKV7Config.from_dict({**cfg.to_dict(), "dropout": 0.1})
+
+
+def test_official_init_values():
+    """Spot values of the official init, recomputed here from the formulas in RWKV-LM train_temp."""
+    C, N, L, V = 128, 32, 4, 300
+    m = RWKV7(RWKV7Config(vocab_size=V, n_embd=C, n_layer=L, head_size=N))
+    layer, n = 2, 37
+    att = m.blocks[layer].att
+    ratio_0_to_1, ratio_1_to_almost0 = layer / (L - 1), 1 - layer / L
+    ddd = n / C
+    assert att.x_r[0, 0, n].item() == pytest.approx(1 - ddd ** (0.2 * ratio_1_to_almost0), rel=1e-6)
+    assert att.x_w[0, 0, n].item() == pytest.approx(1 - ddd ** (0.9 * ratio_1_to_almost0), rel=1e-6)
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    z = z * abs(z)
+    www = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1**0.3)
+    assert att.w0[0, 0, n].item() == pytest.approx(www + 0.5 + z * 2.5, rel=1e-6)
+    lin = n / (C - 1) - 0.5
+    assert att.a0[0, 0, n].item() == pytest.approx(-0.19 + z * 0.3 + lin * 0.4, rel=1e-6)
+    assert att.v0[0, 0, n].item() == pytest.approx(0.73 - lin * 0.4, rel=1e-6)
+    assert att.k_k[0, 0, n].item() == pytest.approx(0.71 - lin * 0.1, rel=1e-6)
+    assert torch.all(att.k_a == 1.02) and torch.all(att.r_k == -0.04)
+    assert att.ln_x.weight[0].item() == pytest.approx(((layer + 1) / L) ** 0.7, rel=1e-6)
+    assert m.blocks[layer].ffn.x_k[0, 0, n].item() == pytest.approx(1 - ddd ** (ratio_1_to_almost0**4), rel=1e-6)
+    # zero-initialised: LoRA down-projections and the two output projections
+    for t in (att.w1, att.a1, att.v1, att.g1, att.output.weight, m.blocks[layer].ffn.value.weight):
+        assert torch.count_nonzero(t) == 0
+    # orthogonal with the official gains: LoRA up 0.1, key 0.1, receptance 1, ffn.key 1 (no sqrt factor)
+    ffn_key = m.blocks[layer].ffn.key.weight  # (4C, C): orthonormal columns
+    torch.testing.assert_close(ffn_key.T @ ffn_key, torch.eye(C), atol=1e-5, rtol=0)
+    torch.testing.assert_close(att.w2 @ att.w2.T, 0.01 * torch.eye(att.w2.shape[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(att.key.weight @ att.key.weight.T, 0.01 * torch.eye(C), atol=1e-5, rtol=0)
+    torch.testing.assert_close(att.receptance.weight @ att.receptance.weight.T, torch.eye(C), atol=1e-5, rtol=0)
+    # head (V > C): orthonormal columns times 0.5 * sqrt(V / C)
+    gain = 0.5 * math.sqrt(V / C)
+    torch.testing.assert_close(m.head.weight.T @ m.head.weight, gain**2 * torch.eye(C), atol=1e-4, rtol=0)
+    assert m.emb.weight.abs().max() <= 1e-4
+    assert not hasattr(m.blocks[0].att, "v0")  # layer 0 defines v_first; no value-residual LoRA there
+
+
+def test_gpt_mode_equals_rnn_mode(model):
+    idx = torch.randint(0, 97, (3, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, gpt_state = model(idx, return_state=True, backend="reference")
+        state = model.init_state(3)
+        steps = []
+        for t in range(idx.shape[1]):
+            out, state = model.step(idx[:, t], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-5, atol=1e-5)
+    assert rel_err(state.wkv, gpt_state.wkv) < 1e-5  # fp32, states of norm ~1e2
+    torch.testing.assert_close(state.att_shift, gpt_state.att_shift)
+    torch.testing.assert_close(state.ffn_shift, gpt_state.ffn_shift)
+
+
+def test_state_passing_between_segments(model):
+    """Prefill in two segments with the carried state == one pass over the whole sequence."""
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, full_state = model(idx, return_state=True)
+        first, state = model(idx[:, :17], return_state=True)
+        second, state = model(idx[:, 17:], state=state, return_state=True)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-5, atol=1e-5)
+    assert rel_err(state.wkv, full_state.wkv) < 1e-5
+
+
+def test_batch_rows_are_independent(model):
+    idx = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = model(idx)
+        single = torch.cat([model(idx[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_slicing_positions(model):
+    idx = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, positions="last")
+        pos = torch.tensor([[0, 9, 4], [3, 3, 7]])
+        picked = model(idx, positions=pos)
+    assert last.shape == (2, 1, 97) and picked.shape == (2, 3, 97)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(picked[0], full[0, [0, 9, 4]])
+    torch.testing.assert_close(picked[1], full[1, [3, 3, 7]])
+    with pytest.raises(ValueError, match="positions"):
+        model(idx, positions="first")
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(5)
+    m = randomized(RWKV7(RWKV7Config(vocab_size=50, n_embd=32, n_layer=2, head_size=16)))
+    idx = torch.randint(0, 50, (2, 9))
+    logits = m(idx, backend="reference")
+    F.cross_entropy(logits.flatten(0, 1), torch.roll(idx, -1, 1).flatten()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_pretrained_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    again = RWKV7.from_pretrained(tmp_path / "ckpt")
+    assert again.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.joinpath("ckpt").glob("*.tmp"))  # no temporary files left behind
