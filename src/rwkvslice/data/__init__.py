@@ -1,1 +1,42 @@
-"""data"""
+"""Data pipeline: tokenizers, .txt/.jsonl/binidx readers, ctx_len windows with loss masks, resumable
+batching, and the synthetic demo task.
+
+    tok = get_tokenizer("byte")                      # or "world" (needs: pip install 'rwkvslice[world]')
+    ds = build_dataset("train.jsonl", tok, ctx_len=256, pack=True)
+    loader = ResumableLoader(ds, batch_size=8, seed=0)
+    for idx, targets in loader: ...                  # (8, 256) int64 each, targets -100 = no loss
+
+Module docstrings hold the exact policies: records.py (file formats, chat template), windows.py
+(windows, truncation, padding, packing), loader.py (order, sharding, resume), binidx.py (file layout),
+tokenizers.py (ids and decoding), synthetic.py (the demo task).
+"""
+
+from rwkvslice.data import synthetic
+from rwkvslice.data.binidx import BinIdx, write_binidx
+from rwkvslice.data.loader import ResumableLoader, collate
+from rwkvslice.data.prepare import prepare
+from rwkvslice.data.records import encode_chat_prompt, encode_record
+from rwkvslice.data.synthetic import DemoTask
+from rwkvslice.data.tokenizers import EOD_ID, ByteTokenizer, Tokenizer, WorldTokenizer, get_tokenizer
+from rwkvslice.data.windows import IGNORE_INDEX, PAD_ID, WindowDataset, build_dataset
+
+__all__ = [
+    "EOD_ID",
+    "IGNORE_INDEX",
+    "PAD_ID",
+    "BinIdx",
+    "ByteTokenizer",
+    "DemoTask",
+    "ResumableLoader",
+    "Tokenizer",
+    "WindowDataset",
+    "WorldTokenizer",
+    "build_dataset",
+    "collate",
+    "encode_chat_prompt",
+    "encode_record",
+    "get_tokenizer",
+    "prepare",
+    "synthetic",
+    "write_binidx",
+]
