@@ -1,0 +1,208 @@
+"""Atomic training checkpoints: a checkpoint directory appears complete or not at all.
+
+Layout of OUT/checkpoints/step-00000120/:
+    model.safetensors, config.json   weights and model config (`RWKV7.save_pretrained` format)
+    optimizer.pt                     optimizer.state_dict()
+    trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
+    run.json                         human-readable: step, tokenizer, training arguments
+
+Writing: everything goes into a hidden temporary directory next to the final one, every file and the
+directory are fsync'ed, then one `os.rename` publishes it and the parent directory is fsync'ed. A process
+killed at any moment leaves either the previous set of checkpoints or the new one, plus at most a stale
+`.tmp-*`/`.trash-*` directory that is ignored and cleaned up on the next start. Old checkpoints are
+first renamed to `.trash-*` (atomic) and only then deleted, so a half-deleted directory never looks like
+a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rwkvslice.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt", "run.json")
+WEIGHT_FILES = ("model.safetensors", "config.json")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories make a rename durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync and os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def to_plain(obj):
+    """Turn numpy scalars/arrays (e.g. in a loader state) into types `torch.load(weights_only=True)` accepts."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
+
+
+def _write_weights(model, directory: Path) -> None:
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+    else:  # a plain nn.Module (tests): weights only
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(directory / "model.safetensors"))
+        (directory / "config.json").write_text("{}\n")
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    run_info: dict,
+    keep: int = 3,
+) -> Path:
+    """Write OUT/checkpoints/step-XXXXXXXX atomically, then delete all but the newest `keep`.
+
+    `model` is the unwrapped model (not the DDP wrapper). Returns the final directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(to_plain(dict(trainer_state, step=step)), tmp / "trainer_state.pt")
+        (tmp / "run.json").write_text(json.dumps(dict(run_info, step=step), indent=2, default=str) + "\n")
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        if final.exists():  # re-saving the same step (e.g. the final save of a resumed run)
+            _trash(final)
+        os.rename(tmp, final)
+        fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rotate_checkpoints(root, keep)
+    return final
+
+
+def _trash(path: Path) -> None:
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def rotate_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    if keep < 1:
+        return
+    for _, path in list_checkpoints(root)[:-keep]:
+        _trash(path)
+
+
+def clean_stale(root: str | os.PathLike) -> None:
+    """Remove temporaries left by a process killed while writing or deleting a checkpoint."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
+    """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
+    ckpt = Path(ckpt)
+    for f in REQUIRED_FILES:
+        if not (ckpt / f).is_file():
+            raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
+    try:
+        optim_state = torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True)
+        trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        run_info = json.loads((ckpt / "run.json").read_text())
+    except Exception as exc:  # torch/pickle/json raise many types for a corrupt file
+        raise CheckpointError(f"{ckpt}: cannot read checkpoint: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    return optim_state, trainer_state, run_info
+
+
+def resolve_weights_dir(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint directory, a run directory (its newest checkpoint) or a save_pretrained dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if all((path / f).is_file() for f in WEIGHT_FILES):
+        return path
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is not None:
+        return latest
+    raise CheckpointError(f"{path}: no model.safetensors + config.json here and no checkpoints/step-* inside")
+
+
+def read_run_info(weights_dir: str | os.PathLike) -> dict:
+    """run.json next to the weights (tokenizer name, training arguments), or {} if absent."""
+    p = Path(weights_dir) / "run.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p}: invalid JSON: {exc}") from exc

@@ -1,0 +1,343 @@
+"""The training loop behind `rwkvslice train`: setup, resume, steps, metrics, checkpoints.
+
+Exact resume: everything a step depends on is either a pure function of the step number (the LR), or
+saved in the checkpoint (weights, AdamW moments and step counts, the data position, every RNG). The
+model has no dropout, AdamW runs its per-tensor loop (foreach=False), and a resumed run truncates
+metrics.jsonl back to its checkpoint, so a run killed at any moment and resumed logs the same loss at
+every step, bit for bit on CPU, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rwkvslice.errors import ConfigError, RWKVSliceError
+from rwkvslice.train import checkpoint as ckpt_io
+from rwkvslice.train.distributed import (
+    DistEnv,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    setup_distributed,
+    teardown_distributed,
+)
+from rwkvslice.train.metrics import MetricsLog, plot_loss
+from rwkvslice.train.optim import DEFAULT_BETAS, DEFAULT_EPS, WarmupCosine, build_optimizer
+from rwkvslice.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from rwkvslice.train.step import LossModule, check_precision, train_step
+
+
+class NonFiniteError(RWKVSliceError):
+    """Training produced a non-finite loss or gradient; the message names the step and the tensor."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (the CLI flags, same names with underscores)."""
+
+    out: str
+    data: str | None = None
+    tokenizer: str = "byte"
+    model: str = "tiny"  # a preset name (RWKV7Config.preset) or a JSON config file
+    init_from: str | None = None  # an official .pth to fine-tune
+    steps: int = 100
+    ctx_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int | None = None  # default min(100, steps // 10)
+    weight_decay: float = 1e-3
+    adam_eps: float = DEFAULT_EPS
+    betas: tuple[float, float] = DEFAULT_BETAS
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    keep: int = 3
+    resume: bool = False
+    device: str = "auto"
+    skip_nonfinite: bool = False
+    pack: bool = False
+    num_workers: int = 0
+    progress: bool = True
+
+    def resolved_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def resolved_warmup(self) -> int:
+        return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+
+# Arguments a resumed run may change; any other difference would change the trajectory.
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
+                     "progress"}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    last_loss: float
+    checkpoint: Path | None
+    model: torch.nn.Module
+    tokenizer: object
+    losses: list[float] = field(default_factory=list)
+
+
+def validate(cfg: TrainConfig) -> None:
+    check_precision(cfg.precision)
+    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "keep": cfg.keep}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.ctx_len < 2:
+        raise ConfigError(f"--ctx-len must be >= 2, got {cfg.ctx_len}")
+    if cfg.save_every < 0:
+        raise ConfigError(f"--save-every must be >= 0 (0 = only at the end), got {cfg.save_every}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    if not 0 <= cfg.resolved_min_lr() <= cfg.lr:
+        raise ConfigError(f"--min-lr must be between 0 and --lr ({cfg.lr}), got {cfg.min_lr}")
+    if cfg.resolved_warmup() < 0:
+        raise ConfigError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.grad_clip < 0:
+        raise ConfigError(f"--grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if cfg.data is None:
+        raise ConfigError("no training data: pass --data PATH (or --demo)")
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int):
+    from rwkvslice.model import RWKV7Config
+
+    if cfg.model.endswith(".json") or Path(cfg.model).is_file():
+        d = json.loads(Path(cfg.model).read_text()) if Path(cfg.model).is_file() else None
+        if d is None:
+            raise ConfigError(f"--model {cfg.model}: no such config file")
+        if isinstance(d, dict):
+            d.pop("model_type", None)
+            d.setdefault("vocab_size", vocab_size)
+        try:
+            config = RWKV7Config.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"--model {cfg.model}: {exc}") from None
+    else:
+        try:
+            config = RWKV7Config.preset(cfg.model, vocab_size)
+        except ConfigError as exc:
+            raise ConfigError(f"--model: {exc}") from None
+    return config
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    from rwkvslice.model import RWKV7
+
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_file():
+            raise ConfigError(f"--init-from {cfg.init_from}: no such file")
+        model = RWKV7.from_official(cfg.init_from)
+    else:
+        model = RWKV7(build_model_config(cfg, tokenizer.vocab_size))
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocab_size {model.config.vocab_size} is smaller than the "
+                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size}; use --tokenizer world?")
+    return model
+
+
+def _args_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["betas"] = list(cfg.betas)
+    return d
+
+
+def _check_resume_args(cfg: TrainConfig, saved: dict, ckpt: Path, world_size: int) -> None:
+    now = _args_dict(cfg)
+    for key, value in saved.get("args", {}).items():
+        if key in RESUME_MAY_CHANGE or key not in now:
+            continue
+        if now[key] != value:
+            raise ConfigError(f"--resume: --{key.replace('_', '-')} is {now[key]!r} but {ckpt} was trained "
+                              f"with {value!r}; resume with the same arguments")
+    if saved.get("world_size", 1) != world_size:
+        raise ConfigError(f"--resume: {ckpt} was written by {saved.get('world_size')} process(es), "
+                          f"this run has {world_size}; the data order would differ")
+
+
+class _Progress:
+    """tqdm bar on the main rank (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, loss: float, tokens_per_s: float, kept_fraction: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | kept {kept_fraction:.0%} "
+                                     f"| lr {lr:.2e}", refresh=False)
+            self.bar.update(1)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+StepHook = Callable[[int, torch.nn.Module], None]
+
+
+def train(cfg: TrainConfig, *, after_step: StepHook | None = None, log: Callable[[str], None] | None = None,
+          env: DistEnv | None = None) -> TrainResult:
+    """Run (or resume) a training run described by `cfg`. Under torchrun, joins the process group.
+
+    `after_step(step, model)` is called after every optimizer step (tests use it to inject faults).
+    """
+    validate(cfg)
+    own_env = env is None
+    env = env or setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env, after_step, log or (lambda m: print(m, file=sys.stderr)))
+    finally:
+        if own_env:
+            teardown_distributed(env)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
+    from rwkvslice.data import ResumableLoader, build_dataset, get_tokenizer
+    from rwkvslice.model import RWKV7
+
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.clean_stale(ckpt_root)
+    barrier(env)
+
+    latest = ckpt_io.latest_checkpoint(ckpt_root)
+    latest = broadcast_object(None if latest is None else str(latest), env)
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"--out {out} already holds checkpoints ({Path(latest).name}); add --resume to "
+                          "continue that run or choose another --out")
+
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    dataset = build_dataset(cfg.data, tokenizer, cfg.ctx_len, pack=cfg.pack)
+    if len(dataset) < cfg.batch_size * env.world_size:
+        raise ConfigError(f"--data {cfg.data}: {len(dataset)} training windows, fewer than one batch "
+                          f"({cfg.batch_size} x {env.world_size} process(es)); lower --batch-size")
+
+    seed_everything(cfg.seed)
+    if latest is not None:
+        optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
+        _check_resume_args(cfg, run_info, Path(latest), env.world_size)
+        model = RWKV7.from_pretrained(latest)
+        start_step = int(trainer_state["step"])
+    else:
+        model = build_model(cfg, tokenizer)
+        start_step = 0
+    model.to(env.device)
+    model.train()
+
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                eps=cfg.adam_eps)
+    schedule = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.resolved_warmup(),
+                            min_lr_ratio=cfg.resolved_min_lr() / cfg.lr)
+    loader = ResumableLoader(dataset, cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                             world_size=env.world_size, num_workers=cfg.num_workers)
+    if latest is not None:
+        optimizer.load_state_dict(optim_state)
+        schedule.load_state_dict(trainer_state["schedule"])
+        loader.load_state_dict(trainer_state["loader"])
+        rngs = trainer_state["rng"]
+        restore_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+        if env.is_main:
+            log(f"resuming from {latest} (step {start_step})")
+
+    loss_module: torch.nn.Module = LossModule(model)
+    if env.distributed:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    metrics = MetricsLog(out / "metrics.jsonl") if env.is_main else None
+    if metrics is not None:
+        metrics.start(keep_up_to=start_step)
+        if start_step == 0 and cfg.resume:
+            log(f"--resume: no checkpoint in {ckpt_root} yet; starting from step 0")
+
+    run_info = {"tokenizer": tokenizer.name, "args": _args_dict(cfg), "world_size": env.world_size,
+                "dataset": dict(getattr(dataset, "stats", {}))}
+    progress = _Progress(cfg.progress and env.is_main, cfg.steps, start_step)
+    losses: list[float] = []
+    last_ckpt: Path | None = Path(latest) if latest else None
+    last_loss = float("nan")
+    data_iter = iter(loader)
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            micro = [next(data_iter) for _ in range(cfg.grad_accum)]
+            lr_factor = schedule.apply(step)
+            stats = train_step(loss_module, optimizer, micro, env, precision=cfg.precision,
+                               grad_clip=cfg.grad_clip)
+            elapsed = time.perf_counter() - t0
+            if stats.nonfinite and not cfg.skip_nonfinite:
+                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise NonFiniteError(f"step {step}: non-finite {stats.nonfinite}; stopped without updating "
+                                     f"the weights ({where}; --skip-nonfinite skips such steps)")
+            if after_step is not None:
+                after_step(step, model)
+            last_loss = stats.loss
+            losses.append(stats.loss)
+            tokens_per_s = stats.tokens / elapsed if elapsed > 0 else float("nan")
+            kept_fraction = stats.kept_tokens / max(stats.tokens, 1)
+            if metrics is not None:
+                record = {"step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
+                          "lr": cfg.lr * lr_factor, "tokens": stats.tokens, "kept_tokens": stats.kept_tokens,
+                          "kept_fraction": kept_fraction, "tokens_per_s": tokens_per_s,
+                          "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
+                          "step_time_s": elapsed}
+                if stats.nonfinite:
+                    record["skipped"] = stats.nonfinite
+                    progress.write(f"step {step}: skipped (non-finite {stats.nonfinite})")
+                metrics.write(record)
+            progress.update(stats.loss, tokens_per_s, kept_fraction, cfg.lr * lr_factor)
+
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                last_ckpt = _save(ckpt_root, step, model, optimizer, schedule, loader, run_info, cfg, env)
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+
+    if env.is_main:
+        log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
+    return TrainResult(out=out, step=cfg.steps, last_loss=last_loss, checkpoint=last_ckpt, model=model,
+                       tokenizer=tokenizer, losses=losses)
+
+
+def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env) -> Path:
+    rngs = all_gather_objects(capture_rng_state(), env)  # collective: every rank takes part
+    path = Path(root) / ckpt_io.step_dir_name(step)
+    if env.is_main:
+        trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs}
+        path = ckpt_io.save_checkpoint(root, step, model=model, optimizer=optimizer,
+                                       trainer_state=trainer_state, run_info=run_info, keep=cfg.keep)
+    barrier(env)
+    return path
