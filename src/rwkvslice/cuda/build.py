@@ -1,0 +1,171 @@
+"""Build the WKV-7 kernel sources on first use, into a cache keyed by a hash of sources and flags.
+
+Two builds:
+- the host library (wkv7_host.cpp + wkv7_core.cuh) compiled by the C++ compiler into a shared library
+  loaded with ctypes. It takes a second or two and needs no torch headers, so every CI session can afford it;
+- the CUDA torch extension (wkv7_cuda.cu + wkv7_op.cpp) through torch.utils.cpp_extension, which registers
+  the ops torch.ops.rwkvslice.wkv7_forward / wkv7_backward.
+
+The cache directory is $RWKVSLICE_BUILD_DIR, else ~/.cache/rwkvslice. Outputs are compiled under a temporary
+name and renamed into place, so parallel processes (pytest-xdist, DDP ranks) never load a half-written file.
+Every failure raises KernelBuildError with one line; the compiler's output goes to a log file it names.
+
+This module imports torch only inside `load_cuda_extension`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from rwkvslice.errors import RWKVSliceError
+
+SOURCE_DIR = Path(__file__).resolve().parent
+HOST_SOURCES = ("wkv7_core.cuh", "wkv7_host.cpp")
+CUDA_SOURCES = ("wkv7_core.cuh", "wkv7_launch.h", "wkv7_cuda.cu", "wkv7_op.cpp")
+HOST_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+# The official kernel's flags. fast-math turns expf into __expf and the backstepping division into an
+# approximate one; the core already uses __expf explicitly on the device.
+CUDA_FLAGS = ("-O3", "--use_fast_math", "-Xptxas", "-O3", "--extra-device-vectorization")
+
+
+class KernelBuildError(RWKVSliceError):
+    """A kernel could not be built or loaded (missing compiler, compile error, no CUDA toolkit)."""
+
+
+def build_root() -> Path:
+    """The cache directory for compiled kernels ($RWKVSLICE_BUILD_DIR or ~/.cache/rwkvslice)."""
+    env = os.environ.get("RWKVSLICE_BUILD_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rwkvslice"
+
+
+def source_hash(names: tuple[str, ...], *extra: str) -> str:
+    """A short hash of the named source files' contents and any extra strings (flags, compiler version)."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
+    for item in extra:
+        h.update(item.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def find_cxx() -> str:
+    """The C++ compiler: $CXX if set, else c++ or g++ on PATH."""
+    env = os.environ.get("CXX")
+    candidates = [env] if env else ["c++", "g++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    wanted = f"CXX={env!r} is not an executable" if env else "no C++ compiler (c++ or g++) on PATH"
+    raise KernelBuildError(f"cannot build the WKV-7 host kernel: {wanted}; install g++ or set CXX")
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        raise KernelBuildError(f"cannot run the C++ compiler {cxx}: {e}") from None
+    return out.stdout.splitlines()[0] if out.stdout else ""
+
+
+def host_library_path() -> Path:
+    """Path of the compiled host library, building it first if the cache has none for these sources."""
+    cxx = find_cxx()
+    key = source_hash(HOST_SOURCES, cxx, _compiler_version(cxx), *HOST_FLAGS)
+    root = build_root()
+    target = root / f"wkv7_host-{key}.so"
+    if target.exists():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelBuildError(f"cannot create the kernel build directory {root}: {e}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".wkv7_host-{key}-", suffix=".so", dir=root)
+    os.close(fd)
+    cmd = [cxx, *HOST_FLAGS, "-I", str(SOURCE_DIR), str(SOURCE_DIR / "wkv7_host.cpp"), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = root / f"wkv7_host-{key}.log"
+            log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+            raise KernelBuildError(
+                f"building the WKV-7 host kernel with {cxx} failed (exit {proc.returncode}); see {log}"
+            )
+        os.replace(tmp, target)  # atomic: a concurrent builder's identical file is simply replaced
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_PTR = ctypes.c_void_p
+_INT = ctypes.c_int
+
+
+@functools.lru_cache(maxsize=None)
+def load_host_library() -> ctypes.CDLL:
+    """The host library with argument types set (built on first use; cached per process)."""
+    path = host_library_path()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelBuildError(f"cannot load the WKV-7 host kernel {path}: {e}") from None
+    lib.rwkvslice_wkv7_host_forward.argtypes = [_INT] * 4 + [_PTR] * 11
+    lib.rwkvslice_wkv7_host_forward.restype = _INT
+    lib.rwkvslice_wkv7_host_backward.argtypes = [_INT] * 4 + [_PTR] * 17
+    lib.rwkvslice_wkv7_host_backward.restype = _INT
+    lib.rwkvslice_wkv7_chunk_len.argtypes = []
+    lib.rwkvslice_wkv7_chunk_len.restype = _INT
+    return lib
+
+
+def cuda_extension_name() -> str:
+    """The torch extension's name; it embeds the source hash so an edited kernel is rebuilt, not reused."""
+    return "rwkvslice_wkv7_" + source_hash(CUDA_SOURCES, *CUDA_FLAGS)
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_extension() -> str:
+    """JIT-build (first time) and load the CUDA extension, registering torch.ops.rwkvslice.wkv7_*.
+
+    Returns the extension name. Raises KernelBuildError with one line when nvcc or the build fails.
+    """
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise KernelBuildError(f"the CUDA WKV-7 kernel needs a CUDA build of torch (this is {torch.__version__})")
+    if cpp_extension.CUDA_HOME is None or not shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        raise KernelBuildError("the CUDA WKV-7 kernel needs nvcc: install the CUDA toolkit or set CUDA_HOME")
+    name = cuda_extension_name()
+    directory = build_root() / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelBuildError(f"cannot create the kernel build directory {directory}: {e}") from None
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE_DIR / "wkv7_op.cpp"), str(SOURCE_DIR / "wkv7_cuda.cu")],
+            extra_include_paths=[str(SOURCE_DIR)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=list(CUDA_FLAGS),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # cpp_extension raises RuntimeError/OSError/CalledProcessError with pages of output
+        log = directory / "build-error.log"
+        try:
+            log.write_text(f"{type(e).__name__}: {e}\n")
+        except OSError:
+            pass
+        raise KernelBuildError(f"building the CUDA WKV-7 kernel failed ({type(e).__name__}); see {log}") from None
+    return name

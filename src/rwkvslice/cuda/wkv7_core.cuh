@@ -1,0 +1,289 @@
+// WKV-7 per-head arithmetic, written once and compiled twice:
+//   * by nvcc into the CUDA kernels (wkv7_cuda.cu): one thread block per (batch, head), one thread per row;
+//   * by the host C++ compiler into wkv7_host.cpp, which runs the "threads" of a block one after another,
+//     so CPU-only CI checks the kernel's own arithmetic against the fp64 reference.
+//
+// Recurrence (per batch and head; S is N x N in the official [value i][key j] layout):
+//   decay_t = exp(-exp(w_t))
+//   sa_t    = S_{t-1} a_t
+//   S_t     = S_{t-1} diag(decay_t) + sa_t b_t^T + v_t k_t^T
+//   y_t     = S_t r_t
+//
+// Backward ("backstepping", the design of the official RWKV-LM wkv7 training kernel): the forward saves
+// sa_t and an fp32 snapshot of the state at the end of every chunk of WKV7_CHUNK_LEN steps (the last,
+// possibly partial, chunk ends at T-1, so its snapshot is the final state and any T works without padding).
+// Going backwards in time, the state before step t is rebuilt from the state after it by inverting the update:
+//   S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1/decay_t)
+// Each inversion multiplies the rounding error of S by 1/decay, and up to WKV7_CHUNK_LEN inversions happen
+// after an exact snapshot (the last one yields S_{t-1} at the chunk's first step). LIMIT: this needs decay
+// bounded away from 0. The RWKV-7 model soft-clamps w <= -0.5, i.e. decay >= exp(-exp(-0.5)) = 0.545, so
+// the growth is at most 0.545^-16 ~ 1.6e4 times fp32 epsilon. Measured against an fp64 reference (host build,
+// relative norm error of the gradients of r, w, a; the other gradients stay ~2e-7):
+//   decay = 0.545 at every step (the clamp's floor)            ~2e-4
+//   decays like the model's (w = -softplus(-x) - 0.5, x~N(0,1)) ~3e-6
+//   decay = 0.37 everywhere (w = 0, outside the model's range) ~7e-2
+// So decays near 0 (w >> 0) make the backward useless, and decay == 0 (w = +inf) divides by zero.
+//
+// Thread roles: in the forward, thread i owns row i of S (value index i). In the backward, thread i owns
+// column i of S (key index i) for the rebuilt state, plus row i and column i of dS, so every sum the
+// gradients need runs over a thread's own registers and no cross-thread reduction is needed.
+//
+// Tensor layouts (all contiguous, element index computed by the helpers below):
+//   r, w, k, v, a, b, y, dy and all input gradients: (B, T, H, N), the same as the op's Python inputs;
+//   sa: (B, T, H, N) fp32;
+//   s0, sT, dsT, ds0: (B, H, N, N) fp32, [value][key];
+//   snapshots: (B, H, ceil(T / WKV7_CHUNK_LEN), N, N) fp32, stored TRANSPOSED as [key][value] so that the
+//   forward's writes (thread = value row) are coalesced.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#define WKV7_HD __host__ __device__ __forceinline__
+#define WKV7_UNROLL _Pragma("unroll")
+#else
+#include <cmath>
+#define WKV7_HD inline
+#define WKV7_UNROLL
+#endif
+
+// Time steps between two state snapshots. ops/wkv7_cuda.py has CHUNK_LEN with the same value (a static
+// test checks it); the host wrapper allocates the snapshot tensor from it.
+#define WKV7_CHUNK_LEN 16
+
+typedef long long wkv7_index;
+
+// ---- element access ----------------------------------------------------------------------------------
+
+WKV7_HD float wkv7_to_float(float x) { return x; }
+WKV7_HD void wkv7_store(float* p, float x) { *p = x; }
+#if defined(__CUDACC__)
+WKV7_HD float wkv7_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+WKV7_HD void wkv7_store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+#endif
+
+WKV7_HD float wkv7_exp(float x) {
+#if defined(__CUDA_ARCH__)
+    return __expf(x);
+#else
+    return std::exp(x);
+#endif
+}
+
+// (B, T, H, N) element of batch bb, step t, head h, channel i.
+WKV7_HD wkv7_index wkv7_token_index(int T, int H, int N, int bb, int t, int h, int i) {
+    return (((wkv7_index)bb * T + t) * H + h) * N + i;
+}
+
+// Start of the (N, N) matrix of batch bb, head h in a (B, H, N, N) state tensor.
+WKV7_HD wkv7_index wkv7_state_base(int H, int N, int bb, int h) {
+    return ((wkv7_index)bb * H + h) * N * N;
+}
+
+WKV7_HD int wkv7_num_chunks(int T) { return (T + WKV7_CHUNK_LEN - 1) / WKV7_CHUNK_LEN; }
+
+// Start of snapshot c (the state after step min((c+1)*CHUNK, T) - 1) of batch bb, head h.
+WKV7_HD wkv7_index wkv7_snapshot_base(int T, int H, int N, int bb, int h, int c) {
+    return (((wkv7_index)bb * H + h) * wkv7_num_chunks(T) + c) * N * N;
+}
+
+// True when step t ends a chunk: the forward writes a snapshot after it, the backward reloads one.
+WKV7_HD bool wkv7_is_chunk_end(int T, int t) { return (t + 1) % WKV7_CHUNK_LEN == 0 || t == T - 1; }
+
+// ---- arguments ---------------------------------------------------------------------------------------
+
+template <typename Tin>
+struct Wkv7ForwardArgs {
+    int B, T, H;
+    const Tin *r, *w, *k, *v, *a, *b;
+    const float* s0;  // (B, H, N, N) or nullptr for a zero initial state
+    Tin* y;
+    float* sT;        // final state (B, H, N, N)
+    float* snap;      // snapshots, see the layout above
+    float* sa;        // (B, T, H, N)
+};
+
+template <typename Tin>
+struct Wkv7BackwardArgs {
+    int B, T, H;
+    const Tin *r, *w, *k, *v, *a, *b, *dy;
+    const float* dsT;  // gradient of the final state, or nullptr for zero
+    const float* snap;
+    const float* sa;
+    Tin *dr, *dw, *dk, *dv, *da, *db;
+    float* ds0;        // gradient of the initial state (B, H, N, N)
+};
+
+// The vectors of one time step, shared by the threads of a block (__shared__ on the GPU).
+template <int N>
+struct Wkv7ForwardStep {
+    float r[N], decay[N], k[N], v[N], a[N], b[N];
+};
+
+template <int N>
+struct Wkv7BackwardStep {
+    float r[N], decay[N], k[N], v[N], a[N], b[N], dy[N], sa[N];
+    float ddecay_dw[N];  // d decay / dw = -exp(w) decay, since decay = exp(-exp(w))
+    float dsa[N];        // dL/d(sa_t), written in phase 1, read in phase 2
+};
+
+// ---- forward -----------------------------------------------------------------------------------------
+
+// Thread i: load row i of the initial state.
+template <int N, typename Tin>
+WKV7_HD void wkv7_forward_begin(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, float (&state)[N]) {
+    const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) state[j] = p.s0 ? p.s0[base + j] : 0.0f;
+}
+
+// Thread i: load channel i of step t into the shared step vectors.
+template <int N, typename Tin>
+WKV7_HD void wkv7_forward_load(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int t, int i,
+                               Wkv7ForwardStep<N>& s) {
+    const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
+    s.r[i] = wkv7_to_float(p.r[x]);
+    s.decay[i] = wkv7_exp(-wkv7_exp(wkv7_to_float(p.w[x])));
+    s.k[i] = wkv7_to_float(p.k[x]);
+    s.v[i] = wkv7_to_float(p.v[x]);
+    s.a[i] = wkv7_to_float(p.a[x]);
+    s.b[i] = wkv7_to_float(p.b[x]);
+}
+
+// Thread i: advance row i of the state by step t; write y, sa and, at a chunk end, the snapshot row.
+template <int N, typename Tin>
+WKV7_HD void wkv7_forward_step(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int t, int i,
+                               const Wkv7ForwardStep<N>& s, float (&state)[N]) {
+    float sa = 0.0f;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) sa += state[j] * s.a[j];
+    const float vi = s.v[i];
+    float y = 0.0f;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) {
+        state[j] = state[j] * s.decay[j] + sa * s.b[j] + vi * s.k[j];
+        y += state[j] * s.r[j];
+    }
+    const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
+    wkv7_store(p.y + x, y);
+    p.sa[x] = sa;
+    if (wkv7_is_chunk_end(p.T, t)) {
+        const wkv7_index base = wkv7_snapshot_base(p.T, p.H, N, bb, h, t / WKV7_CHUNK_LEN) + i;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) p.snap[base + (wkv7_index)j * N] = state[j];  // [key j][value i]
+    }
+}
+
+// Thread i: write row i of the final state.
+template <int N, typename Tin>
+WKV7_HD void wkv7_forward_end(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, const float (&state)[N]) {
+    const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) p.sT[base + j] = state[j];
+}
+
+// ---- backward ----------------------------------------------------------------------------------------
+
+// Registers of backward thread i.
+template <int N>
+struct Wkv7BackwardThread {
+    float stateT[N];   // stateT[j] = S[j][i]: column i of the state (after step t, then rebuilt before it)
+    float dstate[N];   // dstate[j] = dS[i][j]: row i of the state gradient
+    float dstateT[N];  // dstateT[j] = dS[j][i]: column i of the state gradient
+};
+
+// Thread i: start from the gradient of the final state.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_begin(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int i, Wkv7BackwardThread<N>& g) {
+    const wkv7_index base = wkv7_state_base(p.H, N, bb, h);
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) {
+        g.stateT[j] = 0.0f;
+        g.dstate[j] = p.dsT ? p.dsT[base + (wkv7_index)i * N + j] : 0.0f;
+        g.dstateT[j] = p.dsT ? p.dsT[base + (wkv7_index)j * N + i] : 0.0f;
+    }
+}
+
+// Thread i: load channel i of step t into the shared step vectors.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_load(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int t, int i,
+                                Wkv7BackwardStep<N>& s) {
+    const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
+    const float exp_w = wkv7_exp(wkv7_to_float(p.w[x]));
+    const float decay = wkv7_exp(-exp_w);
+    s.r[i] = wkv7_to_float(p.r[x]);
+    s.decay[i] = decay;
+    s.ddecay_dw[i] = -exp_w * decay;
+    s.k[i] = wkv7_to_float(p.k[x]);
+    s.v[i] = wkv7_to_float(p.v[x]);
+    s.a[i] = wkv7_to_float(p.a[x]);
+    s.b[i] = wkv7_to_float(p.b[x]);
+    s.dy[i] = wkv7_to_float(p.dy[x]);
+    s.sa[i] = p.sa[x];
+}
+
+// Thread i, phase 1 of step t (dS holds dL/dS_t excluding y_t's contribution on entry):
+// reload the exact state at a chunk end, add y_t's gradient, produce dr, dw, dk, dv, db, rebuild S_{t-1}
+// and publish dsa_i = (dS b)_i for phase 2.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_phase1(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int t, int i,
+                                  Wkv7BackwardStep<N>& s, Wkv7BackwardThread<N>& g) {
+    if (wkv7_is_chunk_end(p.T, t)) {
+        const wkv7_index base = wkv7_snapshot_base(p.T, p.H, N, bb, h, t / WKV7_CHUNK_LEN) + (wkv7_index)i * N;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) g.stateT[j] = p.snap[base + j];
+    }
+    const float ri = s.r[i], dyi = s.dy[i], ki = s.k[i], bi = s.b[i], di = s.decay[i];
+
+    // One pass over j (each shared value is read once):
+    //   y_t = S_t r_t:              dr_i = sum_j S_t[j][i] dy_j,  dS_t += dy r^T;
+    //   rebuild column i of S_{t-1} from S_t[j][i] = S_{t-1}[j][i] decay_i + sa_j b_i + v_j k_i;
+    //   S_t = S_{t-1} diag(decay) + sa b^T + v k^T:
+    //     d decay_i = sum_j dS[j][i] S_{t-1}[j][i],  dk_i = sum_j dS[j][i] v_j,  db_i = sum_j dS[j][i] sa_j,
+    //     dv_i = sum_j dS[i][j] k_j,  dsa_i = sum_j dS[i][j] b_j.
+    float dr = 0.0f, ddecay = 0.0f, dk = 0.0f, db = 0.0f, dv = 0.0f, dsa = 0.0f;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) {
+        const float dyj = s.dy[j], vj = s.v[j], saj = s.sa[j];
+        dr += g.stateT[j] * dyj;
+        g.dstate[j] += dyi * s.r[j];
+        g.dstateT[j] += dyj * ri;
+        g.stateT[j] = (g.stateT[j] - vj * ki - saj * bi) / di;
+        ddecay += g.dstateT[j] * g.stateT[j];
+        dk += g.dstateT[j] * vj;
+        db += g.dstateT[j] * saj;
+        dv += g.dstate[j] * s.k[j];
+        dsa += g.dstate[j] * s.b[j];
+    }
+    s.dsa[i] = dsa;
+
+    const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
+    wkv7_store(p.dr + x, dr);
+    wkv7_store(p.dw + x, ddecay * s.ddecay_dw[i]);
+    wkv7_store(p.dk + x, dk);
+    wkv7_store(p.dv + x, dv);
+    wkv7_store(p.db + x, db);
+}
+
+// Thread i, phase 2 of step t (after every thread's dsa is published): da through sa_t = S_{t-1} a_t, and
+// dS_{t-1} = dS_t diag(decay) + dsa a^T.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_phase2(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int t, int i,
+                                  const Wkv7BackwardStep<N>& s, Wkv7BackwardThread<N>& g) {
+    const float ai = s.a[i], di = s.decay[i], dsai = s.dsa[i];
+    float da = 0.0f;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) {
+        da += g.stateT[j] * s.dsa[j];  // sum_j S_{t-1}[j][i] dsa_j
+        g.dstate[j] = g.dstate[j] * s.decay[j] + dsai * s.a[j];
+        g.dstateT[j] = g.dstateT[j] * di + s.dsa[j] * ai;
+    }
+    wkv7_store(p.da + wkv7_token_index(p.T, p.H, N, bb, t, h, i), da);
+}
+
+// Thread i: write row i of the initial state's gradient.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_end(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int i, const Wkv7BackwardThread<N>& g) {
+    const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) p.ds0[base + j] = g.dstate[j];
+}
