@@ -47,14 +47,16 @@ log = logging.getLogger("rwkvslice.data")
 
 
 class WindowDataset(Dataset):
-    """Windows over one flat token array. `tokens[starts[i] : starts[i] + lengths[i]]` is window i;
+    """Windows over one flat token array. Window i is `tokens[start : start + length]` with
+    (start, length) = (starts[i], lengths[i]), or for a stream (starts None) (i * ctx_len,
+    min(ctx_len + 1, n - i * ctx_len)), computed so a huge corpus needs no per-window table.
     `loss` (bool per token, or None for "everywhere") says which tokens are trained targets."""
 
     def __init__(self, tokens, loss, starts, lengths, ctx_len: int, stats: dict):
         self._tokens = tokens  # an ndarray, or a BinIdx (pickles by path for DataLoader workers)
         self.loss = loss
-        self.starts = np.asarray(starts, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = None if starts is None else np.asarray(starts, dtype=np.int64)
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.ctx_len = ctx_len
         self.stats = stats
 
@@ -63,10 +65,20 @@ class WindowDataset(Dataset):
         return self._tokens.tokens if isinstance(self._tokens, BinIdx) else self._tokens
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.stats["windows"]
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        """(start, length) of window i in `tokens`."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i %= len(self)
+        if self.starts is not None:
+            return int(self.starts[i]), int(self.lengths[i])
+        start = i * self.ctx_len
+        return start, min(self.ctx_len + 1, len(self.tokens) - start)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, length = int(self.starts[i]), int(self.lengths[i])
+        start, length = self.bounds(i)
         window = np.asarray(self.tokens[start : start + length], dtype=np.int64)
         idx = np.full(self.ctx_len, PAD_ID, dtype=np.int64)
         targets = np.full(self.ctx_len, IGNORE_INDEX, dtype=np.int64)
@@ -87,7 +99,7 @@ class WindowDataset(Dataset):
 
 def check_ctx_len(ctx_len) -> int:
     if isinstance(ctx_len, bool) or not isinstance(ctx_len, int | np.integer) or ctx_len < 2:
-        raise ConfigError(f"--ctx-len must be an integer >= 2, got {ctx_len!r}")
+        raise ConfigError(f"ctx_len (--ctx-len) must be an integer >= 2, got {ctx_len!r}")
     return int(ctx_len)
 
 
@@ -135,11 +147,9 @@ def _stream_dataset(path: Path, encoded, fmt: str, ctx_len: int) -> WindowDatase
     n = len(source.tokens) if isinstance(source, BinIdx) else len(source)
     if n < 2:
         raise DataError(f"{path}: only {n} token, nothing to predict")
-    starts = np.arange(0, n - 1, ctx_len, dtype=np.int64)
-    lengths = np.minimum(ctx_len + 1, n - starts)
-    real = int((lengths - 1).sum())
-    stats = _stats(fmt, ctx_len, True, n_docs, len(starts), real, real)
-    return WindowDataset(source, None, starts, lengths, ctx_len, stats)
+    n_windows = -(-(n - 1) // ctx_len)  # every token but the first is a target exactly once
+    stats = _stats(fmt, ctx_len, True, n_docs, n_windows, n - 1, n - 1)
+    return WindowDataset(source, None, None, None, ctx_len, stats)
 
 
 def _sample_dataset(path: Path, tokenizer, ctx_len: int, pack: bool) -> WindowDataset:
