@@ -37,8 +37,8 @@ class DemoTask:
             raise ConfigError(f"keys must be distinct letters, got {keys!r}")
         if not 1 <= n_pairs <= len(keys):
             raise ConfigError(f"n_pairs must be in [1, {len(keys)}] (the number of keys), got {n_pairs}")
-        if not values or any(c.isalpha() or c.isspace() or c == "?" for c in values) or value_len < 1:
-            raise ConfigError("values must be non-letter, non-space characters and value_len >= 1")
+        if not values or any(c.isspace() for c in values) or value_len < 1:
+            raise ConfigError("values must be non-space characters and value_len >= 1")
         if not 0 < heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
         self.seed, self.n_pairs, self.keys, self.values = seed, n_pairs, keys, values
@@ -46,10 +46,12 @@ class DemoTask:
 
     @property
     def max_prompt_chars(self) -> int:
-        return self.n_pairs * (2 + self.value_len) + 1
+        """Every prompt has this length: n_pairs "kv" pairs, the spaces between them, then " ?k"."""
+        return self.n_pairs * (1 + self.value_len) + (self.n_pairs - 1) + 3
 
     def max_tokens(self) -> int:
-        """Upper bound on prompt + response + eod tokens with the byte tokenizer: a safe ctx_len + 1."""
+        """prompt + response + eod tokens with the byte tokenizer (ASCII keys and values): ctx_len =
+        max_tokens() - 1 fits every sample without truncation."""
         return self.max_prompt_chars + self.value_len + 1
 
     def split_of(self, prompt: str) -> str:
