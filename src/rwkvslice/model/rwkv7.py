@@ -55,18 +55,22 @@ class RWKV7State:
 
 def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """x_prev - x, where x_prev[t] = x[t-1] and x_prev[0] is the carried `last` (zeros at the start)."""
+    if x.shape[1] == 1 and last is not None:  # RNN step: no concatenation needed
+        return last[:, None].to(x.dtype) - x
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
     return torch.cat([first, x[:, :-1]], dim=1) - x
 
 
 def _wkv_single_step(r, w, k, v, a, b, S):
     """One step of the WKV-7 recurrence for (B, 1, H, N) inputs; RNN mode's O(1) path (fp32 state)."""
-    r, w, k, v, a, b = (t[:, 0].float() for t in (r, w, k, v, a, b))
+    if r.dtype != torch.float32:
+        r, w, k, v, a, b = (t.float() for t in (r, w, k, v, a, b))
+    # (B, 1, H, N) -> column and row vectors per head: (B, H, N, 1) and (B, H, 1, N)
+    col = lambda t: t.transpose(1, 2).transpose(2, 3)  # noqa: E731
+    row = lambda t: t.transpose(1, 2)  # noqa: E731
     decay = torch.exp(-torch.exp(w))
-    sa = (S @ a[..., None]).squeeze(-1)
-    S = S * decay[:, :, None, :] + sa[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :]
-    y = (S @ r[..., None]).squeeze(-1)
-    return y[:, None], S
+    S = S * row(decay) + (S @ col(a)) @ row(b) + col(v) @ row(k)
+    return (S @ col(r)).permute(0, 3, 1, 2), S  # y: (B, H, N, 1) -> (B, 1, H, N)
 
 
 class TimeMix(nn.Module):
@@ -154,7 +158,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None):
         xx = _token_shift(x, shift)
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        k = torch.relu(self.key(x + xx * self.x_k)).square()
         return self.value(k), x[:, -1]
 
 
