@@ -109,7 +109,7 @@ _PTR = ctypes.c_void_p
 _INT = ctypes.c_int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_host_library() -> ctypes.CDLL:
     """The host library with argument types set (built on first use; cached per process)."""
     path = host_library_path()
@@ -131,7 +131,7 @@ def cuda_extension_name() -> str:
     return "rwkvslice_wkv7_" + source_hash(CUDA_SOURCES, *CUDA_FLAGS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cuda_extension() -> str:
     """JIT-build (first time) and load the CUDA extension, registering torch.ops.rwkvslice.wkv7_*.
 
@@ -141,8 +141,12 @@ def load_cuda_extension() -> str:
     from torch.utils import cpp_extension
 
     if torch.version.cuda is None:
-        raise KernelBuildError(f"the CUDA WKV-7 kernel needs a CUDA build of torch (this is {torch.__version__})")
-    if cpp_extension.CUDA_HOME is None or not shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        raise KernelBuildError(
+            f"the CUDA WKV-7 kernel needs a CUDA build of torch (this is {torch.__version__})"
+        )
+    if cpp_extension.CUDA_HOME is None or not shutil.which(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    ):
         raise KernelBuildError("the CUDA WKV-7 kernel needs nvcc: install the CUDA toolkit or set CUDA_HOME")
     name = cuda_extension_name()
     directory = build_root() / name
@@ -161,11 +165,14 @@ def load_cuda_extension() -> str:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as e:  # cpp_extension raises RuntimeError/OSError/CalledProcessError with pages of output
+    except Exception as e:
+        # cpp_extension raises RuntimeError/OSError/CalledProcessError carrying pages of compiler output.
         log = directory / "build-error.log"
         try:
             log.write_text(f"{type(e).__name__}: {e}\n")
         except OSError:
             pass
-        raise KernelBuildError(f"building the CUDA WKV-7 kernel failed ({type(e).__name__}); see {log}") from None
+        raise KernelBuildError(
+            f"building the CUDA WKV-7 kernel failed ({type(e).__name__}); see {log}"
+        ) from None
     return name

@@ -82,7 +82,9 @@ def _ptrs(*tensors: torch.Tensor) -> list[int]:
 
 def _check_rc(what: str, rc: int, N: int) -> None:
     if rc != 0:
-        raise ConfigError(f"wkv7 backend='host' {what}: head size {N} not compiled (one of {HOST_HEAD_SIZES})")
+        raise ConfigError(
+            f"wkv7 backend='host' {what}: head size {N} not compiled (one of {HOST_HEAD_SIZES})"
+        )
 
 
 class _WKV7Function(torch.autograd.Function):
@@ -152,7 +154,7 @@ def wkv7_cuda(r, w, k, v, a, b, state=None):
     return _run(ops, compute_dtype, r, w, k, v, a, b, state)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_backend_available() -> bool:
     """True when a CUDA device is visible and the kernel builds and loads. Never raises; cached.
 
