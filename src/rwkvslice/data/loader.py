@@ -89,6 +89,7 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from the current position on, forever. Use one iterator at a time."""
         sampler = _StepSampler(self, self.epoch, self.index)
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
         if self.num_workers == 0:
             batches = (collate([self.dataset[i] for i in step]) for step in sampler)
         else:

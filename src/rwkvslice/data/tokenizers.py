@@ -168,7 +168,7 @@ def _read_world_vocab() -> str:
     return data.decode("utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(name: str) -> Tokenizer:
     return ByteTokenizer() if name == "byte" else WorldTokenizer()
 

@@ -72,7 +72,7 @@ class WindowDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
         i %= len(self)
-        if self.starts is not None:
+        if self.starts is not None and self.lengths is not None:
             return int(self.starts[i]), int(self.lengths[i])
         start = i * self.ctx_len
         return start, min(self.ctx_len + 1, len(self.tokens) - start)
@@ -178,12 +178,12 @@ def _sample_dataset(path: Path, tokenizer, ctx_len: int, pack: bool) -> WindowDa
     offsets = np.concatenate([[0], np.cumsum(sizes[:-1])])
     starts, lengths = _pack(offsets, sizes, limit) if pack else (offsets, sizes)
     starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-    tokens, loss = np.concatenate(token_parts), np.concatenate(loss_parts)
-    trained = np.concatenate([[0], np.cumsum(loss, dtype=np.int64)])
+    tokens, trained_mask = np.concatenate(token_parts), np.concatenate(loss_parts)
+    trained = np.concatenate([[0], np.cumsum(trained_mask, dtype=np.int64)])
     kept = int((trained[starts + lengths] - trained[starts + 1]).sum())
     stats = _stats("jsonl", ctx_len, pack, n_samples, len(starts), int((lengths - 1).sum()), kept,
                    truncated=truncated, truncated_tokens=truncated_tokens, skipped_no_loss=skipped)
-    dataset = WindowDataset(tokens, loss, starts, lengths, ctx_len, stats)
+    dataset = WindowDataset(tokens, trained_mask, starts, lengths, ctx_len, stats)
     if truncated or skipped:
         log.warning("%s: %s", path, dataset.summary())
     return dataset
@@ -191,7 +191,8 @@ def _sample_dataset(path: Path, tokenizer, ctx_len: int, pack: bool) -> WindowDa
 
 def _pack(offsets: np.ndarray, sizes: np.ndarray, limit: int) -> tuple[list[int], list[int]]:
     """Next-fit: add samples to the current window while the total stays within `limit` tokens."""
-    starts, lengths = [], []
+    starts: list[int] = []
+    lengths: list[int] = []
     for offset, size in zip(offsets.tolist(), sizes.tolist(), strict=True):
         if lengths and lengths[-1] + size <= limit:
             lengths[-1] += size
