@@ -1,0 +1,37 @@
+"""`rwkvslice export`: write a checkpoint in the official RWKV-7 .pth layout (loads in the `rwkv` package)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from rwkvslice.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="convert a checkpoint to an official .pth",
+                              description="Write the official x070 state-dict layout (RWKV-LM / rwkv package).")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or run directory")
+    p.add_argument("--official", required=True, metavar="OUT.pth", help="output file")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype in the file (default fp32)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rwkvslice.model import RWKV7
+    from rwkvslice.train.checkpoint import resolve_weights_dir
+
+    out = Path(args.official)
+    if out.suffix != ".pth":
+        raise ConfigError(f"--official {out}: the file name must end in .pth")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--official {out}: directory {out.parent} does not exist")
+    weights = resolve_weights_dir(args.ckpt)
+    model = RWKV7.from_pretrained(weights)
+    model.save_official(out, dtype=DTYPES[args.dtype])
+    print(f"wrote {out} ({args.dtype}) from {weights}")
+    return 0
