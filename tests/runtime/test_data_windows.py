@@ -196,3 +196,16 @@ def test_world_tokenizer_encodes_prompt_and_response_separately(tmp_path):
     seq = p + r
     assert idx[: len(seq) - 1] == seq[:-1]
     assert targets[: len(seq) - 1] == [X] * (len(p) - 1) + r
+
+
+def test_chat_prompt_for_inference_ends_with_the_assistant_header():
+    from rwkvslice.data import encode_chat_prompt, encode_record
+
+    tok = get_tokenizer("byte")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompt = encode_chat_prompt(messages, tok)
+    assert prompt == [ord(c) + 1 for c in "System: be brief\n\nUser: hi\n\nAssistant:"]
+    # what a model is trained on continues exactly that prompt with the reply and eod
+    ids, loss = encode_record({"messages": messages + [{"role": "assistant", "content": "yo"}]}, tok)
+    assert ids == prompt + [ord(c) + 1 for c in " yo"] + [0]
+    assert loss == [False] * len(prompt) + [True] * 4
