@@ -36,12 +36,13 @@
 //   forward's writes (thread = value row) are coalesced.
 #pragma once
 
+#include <cmath>  // std::exp for the host side (nvcc also compiles the host half of each function)
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #define WKV7_HD __host__ __device__ __forceinline__
 #define WKV7_UNROLL _Pragma("unroll")
 #else
-#include <cmath>
 #define WKV7_HD inline
 #define WKV7_UNROLL
 #endif
