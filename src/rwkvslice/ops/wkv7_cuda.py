@@ -120,7 +120,15 @@ def _run(ops, compute_dtype, r, w, k, v, a, b, state):
     return y.to(in_dtype), sT
 
 
-def wkv7_host(r, w, k, v, a, b, state=None):
+def wkv7_host(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 through the host build of the kernel: fp32 arithmetic on the CPU whatever the input dtype.
 
     Inputs on another device are computed on the CPU and the results moved back. Slow; meant for tests.
@@ -139,7 +147,15 @@ def _cuda_ops():
     return torch.ops.rwkvslice
 
 
-def wkv7_cuda(r, w, k, v, a, b, state=None):
+def wkv7_cuda(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 through the fused CUDA kernel. bf16 inputs run in bf16 (fp32 state and accumulation); fp32 inputs
     in fp32; other dtypes are computed in fp32. y comes back in the input dtype, the final state in fp32."""
     if not r.is_cuda:
