@@ -137,8 +137,8 @@ def wkv7_host(
     B, T, H, N = r.shape
     if N not in HOST_HEAD_SIZES:
         raise ConfigError(f"wkv7 backend='host': head size {N} not compiled (one of {HOST_HEAD_SIZES})")
-    cpu = [x.to("cpu") for x in (r, w, k, v, a, b)]
-    y, sT = _run(HostOps, torch.float32, *cpu, None if state is None else state.to("cpu"))
+    rc, wc, kc, vc, ac, bc = (x.to("cpu") for x in (r, w, k, v, a, b))
+    y, sT = _run(HostOps, torch.float32, rc, wc, kc, vc, ac, bc, None if state is None else state.to("cpu"))
     return y.to(device), sT.to(device)
 
 
