@@ -10,6 +10,8 @@ Backends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rwkvslice.errors import ConfigError
@@ -57,6 +59,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto"):
     """
     _check_inputs(r, w, k, v, a, b, state)
     name = _resolve(backend, r)
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     if name == "reference":
         from rwkvslice.ops.wkv7_reference import wkv7_reference as fn
     elif name == "torch":
