@@ -150,8 +150,11 @@ def test_e2e_data_pipeline(tmp_path):
     rit = iter(resumed)
     for (i1, t1), (i2, t2) in zip(after, [next(rit) for _ in range(4)], strict=True):
         assert torch.equal(i1, i2) and torch.equal(t1, t2)
-    again = ResumableLoader(ds, batch_size=3, seed=7)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first_epoch, [next(iter(again)) for _ in range(1)]))
+    again = iter(ResumableLoader(ds, batch_size=3, seed=7))
+    replay = [next(again) for _ in range(3)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first_epoch, replay, strict=True)), "same seed, same order"
+    other = iter(ResumableLoader(ds, batch_size=3, seed=8))
+    assert not torch.equal(torch.cat([next(other)[0] for _ in range(3)]), seen), "the seed changes the order"
 
 
 # ---------------------------------------------------------------------------------------------- Architecture
