@@ -77,10 +77,12 @@ PROJECT_ROW = "Project-wide"
 TEST_FILES: list[tuple[str, str]] = [
     ("tests/static/test_cuda_*", "CUDA Kernels"),
     ("tests/*/test_*cuda*", "CUDA Kernels"),
+    ("tests/*/test_wkv7_host*", "CUDA Kernels"),
     ("tests/*/test_*bf16*", "BFloat16"),
     ("tests/*/test_*backward*", "Backward Pass"),
     ("tests/*/test_*grad*", "Backward Pass"),
     ("tests/*/test_checkpoint*", "Checkpoints"),
+    ("tests/*/test_train_checkpoint*", "Checkpoints"),
     ("tests/*/test_resume*", "Checkpoints"),
     ("tests/*/test_interop*", "Checkpoints"),
     ("tests/*/test_data*", "Dataset"),
