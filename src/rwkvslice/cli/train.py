@@ -113,7 +113,7 @@ def _run_demo(cfg, args) -> int:
     from rwkvslice.data import DemoTask
     from rwkvslice.train import demo
     from rwkvslice.train.distributed import barrier, setup_distributed, teardown_distributed
-    from rwkvslice.train.trainer import NonFiniteError, train
+    from rwkvslice.train.trainer import NonFiniteError, train, validate
 
     if args.eval_samples is not None and args.eval_samples < 1:
         raise ConfigError(f"--eval-samples must be >= 1, got {args.eval_samples}")
@@ -121,12 +121,13 @@ def _run_demo(cfg, args) -> int:
     task = DemoTask(seed=cfg.seed)
     if args.ctx_len is None:
         cfg.ctx_len = demo.demo_ctx_len(task)
+    cfg.data = str(demo.demo_data_path(Path(cfg.out)))
+    validate(cfg)  # before anything is written
     env = setup_distributed(cfg.device)
     try:
         if env.is_main:
-            cfg.data = str(demo.write_demo_data(Path(cfg.out), task))
+            demo.write_demo_data(Path(cfg.out), task)
         barrier(env)
-        cfg.data = str(Path(cfg.out) / "demo" / "train.jsonl")
         if env.is_main:
             print(f"demo: key-value retrieval, e.g. {task.samples(1)[0]!r}; model preset {cfg.model!r}, "
                   f"{cfg.steps} steps of {cfg.batch_size} x {cfg.ctx_len} tokens", file=sys.stderr)

@@ -1,0 +1,127 @@
+"""Every command (train, generate, eval, export) as a real subprocess: success, and a bad flag -> exit 2
+with one line on stderr. Further bad values go through `rwkvslice.cli.main` in-process (no extra torch
+imports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwkvslice import RWKV7
+from rwkvslice.cli import main
+from rwkvslice.data import DemoTask
+from rwkvslice.generate import generate
+from rwkvslice.generate.loading import load_model
+
+pytestmark = pytest.mark.component("CLI")
+
+CLI = [sys.executable, "-m", "rwkvslice.cli"]
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args):
+    return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = DemoTask(seed=0).write_jsonl(base / "train.jsonl", 64, "train")
+    out = base / "run"
+    proc = cli("train", "--data", data, "--out", out, "--steps", 2, "--model", "demo", "--ctx-len", 32,
+               "--batch-size", 4, "--no-progress", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("done: step 2, loss ")
+    return out
+
+
+def test_train_writes_metrics_and_checkpoint(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert (run_dir / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+
+
+def test_generate_eval_export_succeed(run_dir, tmp_path):
+    prompt = "a1 b2 c3 ?b"
+    gen = start("generate", "--ckpt", run_dir, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0)
+    ev = start("eval", "--ckpt", run_dir, "--n", 6, "--out", tmp_path / "eval.json")
+    exp = start("export", "--ckpt", run_dir, "--official", tmp_path / "model.pth")
+    (rc_g, out_g, err_g), (rc_e, _, err_e), (rc_x, out_x, err_x) = finish(gen), finish(ev), finish(exp)
+
+    assert rc_g == 0, err_g[-2000:]
+    model, tok, _, _ = load_model(run_dir)
+    expected = tok.decode(generate(model, [tok.encode(prompt)], max_new_tokens=8, temperature=0)[0])
+    assert out_g == expected + "\n"  # the streamed pieces add up to the library's greedy output
+
+    assert rc_e == 0, err_e[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 6 and 0.0 <= result["exact_match"] <= 1.0
+
+    assert rc_x == 0, err_x[-2000:]
+    official = torch.load(tmp_path / "model.pth", map_location="cpu", weights_only=True)
+    assert "blocks.0.att.w0" in official and "head.weight" in official
+    back = RWKV7.from_official(tmp_path / "model.pth")
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_flags_exit_2_with_one_line(run_dir, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"text": "x"}\n{"prompt": oops}\n')
+    procs = {
+        "train": start("train", "--data", broken, "--out", tmp_path / "t", "--steps", 2),
+        "generate": start("generate", "--ckpt", run_dir, "--prompt", "x", "--top-p", 2),
+        "eval": start("eval", "--ckpt", tmp_path / "missing"),
+        "export": start("export", "--ckpt", run_dir),  # --official missing: argparse
+    }
+    expect = {"train": "broken.jsonl:3", "generate": "--top-p",
+              "eval": "missing", "export": "--official"}
+    for name, proc in procs.items():
+        rc, out, err = finish(proc)
+        lines = err.strip().splitlines()
+        assert rc == 2, (name, err[-2000:])
+        assert len(lines) == 1 or name == "export", (name, err)  # argparse adds its usage line
+        assert expect[name] in lines[-1] and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--out", "X"], "no training data"),
+    (["train", "--demo", "--out", "X", "--precision", "fp16"], "fp16 is not supported"),
+    (["train", "--demo", "--data", "f.txt", "--out", "X"], "exclusive"),
+    (["train", "--data", "f.txt", "--out", "X", "--init-from", "a.pth", "--model", "tiny"], "--init-from"),
+    (["train", "--data", "f.txt", "--out", "X", "--steps", "0"], "--steps"),
+    (["train", "--data", "f.txt", "--out", "X", "--grad-accum", "0"], "--grad-accum"),
+    (["train", "--data", "f.txt", "--out", "X", "--device", "tpu"], "--device"),
+    (["train", "--demo", "--out", "X", "--tokenizer", "world"], "byte tokenizer"),
+    (["generate", "--ckpt", "RUN", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--ckpt", "RUN", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--ckpt", "RUN", "--prompt", ""], "--prompt is empty"),
+    (["eval", "--ckpt", "RUN", "--n", "0"], "--n"),
+    (["export", "--ckpt", "RUN", "--official", "out.bin"], ".pth"),
+    (["export", "--ckpt", "RUN", "--official", "/no/such/dir/x.pth"], "does not exist"),
+])
+def test_bad_values_in_process(run_dir, tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.txt").write_text("hello world\n")
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rwkvslice: error: ") and needle in err[0], err
