@@ -235,22 +235,14 @@ def e2e_gpu(session: nox.Session) -> None:
     if not found:
         unavailable(why)
     session.log(f"CUDA device: {why}")
-    # a CUDA build of torch: keep the local CPU wheels (find-links) out of this resolve
-    session.install(
-        f"torch=={TORCH_GPU}",
-        "-e",
-        ".[world]",
-        *TEST_DEPS,
-        env={"UV_FIND_LINKS": None, "PIP_FIND_LINKS": None},
-    )
-    probe = session.run(
-        "python",
-        "-c",
-        "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())",
-        silent=True,
-    )
-    if not str(probe).strip().endswith("True"):
-        unavailable(f"no usable CUDA device for torch ({str(probe).strip()})")
+    # A CUDA build of torch: "===" (PEP 440 arbitrary equality) matches the version string exactly, so the
+    # local "2.13.0+cpu" wheel that "==2.13.0" would also accept is left out of the resolve.
+    session.install(f"torch==={TORCH_GPU}", "-e", ".[world]", *TEST_DEPS)
+    probe = "import torch; print(torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+    seen = str(session.run("python", "-c", probe, silent=True) or "").strip()
+    if not seen.endswith("True"):  # a GPU the driver lists but this torch build cannot use
+        unavailable(f"no usable CUDA device for torch ({seen})")
+    session.log(f"torch {seen}")
     env = _layer_env(session, "e2e_gpu", device="cuda", dtype="bfloat16")
     env["RWKVSLICE_REQUIRE_CUDA"] = "1"  # a GPU is here: a gpu test that skips for 'no CUDA' is a bug
     _pytest(session, "e2e_gpu", "tests/runtime", env=env)

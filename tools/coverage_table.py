@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     def layer_cell(component: str, session: str) -> str:
         record = status.get(session)
         if record is not None and record["result"] == "skipped":
-            return f"not run: {record['reason']}"
+            return f"not run: {record['reason'].split(':')[0]}"  # the full reason is in the Sessions table
         per = layer[session]
         if per is None:
             return "not run" if record is None else f"no data ({session_result_text(record, args.run_id)})"
