@@ -63,7 +63,7 @@ def test_generate_eval_export_succeed(run_dir, tmp_path):
     gen = start("generate", "--ckpt", run_dir, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0)
     ev = start("eval", "--ckpt", run_dir, "--n", 6, "--out", tmp_path / "eval.json")
     exp = start("export", "--ckpt", run_dir, "--official", tmp_path / "model.pth")
-    (rc_g, out_g, err_g), (rc_e, _, err_e), (rc_x, out_x, err_x) = finish(gen), finish(ev), finish(exp)
+    (rc_g, out_g, err_g), (rc_e, _, err_e), (rc_x, _, err_x) = finish(gen), finish(ev), finish(exp)
 
     assert rc_g == 0, err_g[-2000:]
     model, tok, _, _ = load_model(run_dir)

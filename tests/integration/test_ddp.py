@@ -132,8 +132,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
         assert float(r["loss"]) == pytest.approx(stats.loss, rel=1e-6)
     for n, p in model.named_parameters():
         for r in ranks:
-            # fp32 sums in a different order (all-reduce vs one batch): relative 1e-5
-            torch.testing.assert_close(r["g." + n], grads[n], rtol=1e-5, atol=1e-8, msg=f"grad {n}")
+            # fp32 sums in a different order (all-reduce vs one batch): 1e-5 relative to the tensor's norm
+            err = ((r["g." + n].double() - grads[n].double()).norm() / grads[n].double().norm()).item()
+            assert err < 1e-5, (n, err)
             torch.testing.assert_close(r["w." + n], p.detach(), rtol=1e-5, atol=1e-7, msg=f"weight {n}")
     # the ranks hold identical weights (DDP's averaged gradients are the same everywhere)
     for k in ranks[0]:

@@ -78,28 +78,45 @@ def _one_step(micro, seed=0):
 
     torch.manual_seed(seed)
     model = RWKV7(RWKV7Config(vocab_size=320, n_embd=64, n_layer=2, head_size=32))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the official init zeroes output projections: make every gradient non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    grads = {}
+    real_step = opt.step
+
+    def step(*args, **kwargs):  # the gradients exactly as the optimizer receives them
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        return real_step(*args, **kwargs)
+
+    opt.step = step
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     stats = step_mod.train_step(step_mod.LossModule(model), opt, micro, env, grad_clip=0.0)
-    return model, stats
+    return grads, stats
 
 
 def test_grad_accumulation_equals_one_big_batch():
     idx, targets = _batch(0, 6)
-    big_model, big = _one_step([(idx, targets)])
+    big_grads, big = _one_step([(idx, targets)])
     # uneven micro-batches: 1 + 2 + 3 rows with different kept counts
-    acc_model, acc = _one_step([(idx[:1], targets[:1]), (idx[1:3], targets[1:3]), (idx[3:], targets[3:])])
+    acc_grads, acc = _one_step([(idx[:1], targets[:1]), (idx[1:3], targets[1:3]), (idx[3:], targets[3:])])
     assert big.kept_tokens == acc.kept_tokens == int((targets != -100).sum())
     assert acc.loss == pytest.approx(big.loss, rel=1e-6)
     assert acc.grad_norm == pytest.approx(big.grad_norm, rel=1e-5)
-    for (n, a), (_, b) in zip(big_model.named_parameters(), acc_model.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
+    assert big_grads.keys() == acc_grads.keys() and len(big_grads) > 0
+    for n in big_grads:
+        # the same sums in another order (3 partial sums vs 1): fp32, relative to the tensor's norm
+        # (elementwise, entries that cancel to ~0 carry large relative noise)
+        err = ((acc_grads[n].double() - big_grads[n].double()).norm() / big_grads[n].double().norm()).item()
+        assert err < 1e-5, (n, err)
 
 
 def test_all_ignored_step_is_finite_and_leaves_weights(tmp_path):
     idx, targets = _batch(0, 2)
-    model, stats = _one_step([(idx, torch.full_like(targets, -100))])
+    grads, stats = _one_step([(idx, torch.full_like(targets, -100))])
     assert stats.loss == 0.0 and stats.kept_tokens == 0 and stats.nonfinite is None
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())  # no loss, no gradient
 
 
 def _poison_loss_at(monkeypatch, calls_to_poison):
@@ -180,3 +197,36 @@ def test_model_from_json_config(tmp_path, demo_jsonl):
     res = train(small(tmp_path / "run", demo_jsonl, steps=1, model=str(cfg_path)), log=lambda m: None)
     c = res.model.config
     assert (c.n_embd, c.n_layer, c.head_size, c.vocab_size) == (64, 1, 32, get_tokenizer("byte").vocab_size)
+
+
+def test_init_from_an_official_pth_starts_from_its_weights(tmp_path, demo_jsonl):
+    from rwkvslice import RWKV7, RWKV7Config
+    from rwkvslice.data import ResumableLoader, build_dataset
+
+    torch.manual_seed(7)
+    base = RWKV7(RWKV7Config(vocab_size=320, n_embd=64, n_layer=1, head_size=32))
+    with torch.no_grad():
+        base.head.weight.mul_(3.0)  # distinguishable from a fresh init
+    base.save_official(tmp_path / "base.pth")
+    # independent expectation: the official model's loss on the first batch the loader yields
+    ds = build_dataset(demo_jsonl, get_tokenizer("byte"), 32)
+    idx, targets = next(iter(ResumableLoader(ds, 8, seed=0)))
+    with torch.no_grad():
+        expected = float(RWKV7.from_official(tmp_path / "base.pth").loss(idx, targets))
+    res = train(small(tmp_path / "run", demo_jsonl, steps=2, model="tiny", init_from=str(tmp_path / "base.pth")),
+                log=lambda m: None)
+    assert res.model.config.n_embd == 64 and res.model.config.n_layer == 1
+    assert metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_world_tokenizer_run(tmp_path):
+    try:
+        tok = get_tokenizer("world")
+    except Exception as exc:  # the optional `rwkv` extra ships the vocab file
+        pytest.skip(f"World tokenizer unavailable: {exc}")
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"document {i}: 你好, world! " * 8 for i in range(40)))
+    res = train(small(tmp_path / "run", text, tokenizer="world", steps=2, ctx_len=64, batch_size=2),
+                log=lambda m: None)
+    assert res.model.config.vocab_size == tok.vocab_size == 65536
+    assert all(r["loss"] > 0 for r in metrics(tmp_path / "run"))

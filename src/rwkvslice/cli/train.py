@@ -71,7 +71,7 @@ def _config_from_args(args: argparse.Namespace):
         raise ConfigError("no training data: pass --data PATH or --demo")
     base = TrainConfig(out=args.out)
     defaults = dict(DEMO_DEFAULTS) if args.demo else {}
-    values = {}
+    values: dict = {}
     for name in ("tokenizer", "model", "steps", "ctx_len", "batch_size", "lr", "min_lr", "warmup_steps",
                  "weight_decay", "save_every"):
         given = getattr(args, name)

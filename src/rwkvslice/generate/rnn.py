@@ -17,7 +17,7 @@ from rwkvslice.errors import ConfigError
 from rwkvslice.generate.sampling import check_sampling_args, sample_next
 
 
-def cat_states(states: Sequence) -> object:
+def cat_states(states: Sequence):
     """Concatenate RWKV7State objects along the batch axis (dim 1 of every field: (L, B, ...))."""
     first = states[0]
     return dataclasses.replace(first, **{
@@ -91,7 +91,7 @@ def generate(
         for i in range(max_new_tokens):
             tokens = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
             keep = []
-            for row, (seq, tok) in enumerate(zip(active.tolist(), tokens.tolist())):
+            for row, (seq, tok) in enumerate(zip(active.tolist(), tokens.tolist(), strict=True)):
                 if eod_id is not None and tok == eod_id:
                     continue
                 outputs[seq].append(tok)

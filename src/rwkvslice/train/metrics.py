@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TextIO
 
 from rwkvslice.train.checkpoint import atomic_write_text
 
@@ -35,7 +36,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = None
+        self._f: TextIO | None = None
 
     def start(self, keep_up_to: int) -> None:
         kept = [r for r in read_metrics(self.path) if int(r["step"]) <= keep_up_to]
@@ -43,6 +44,7 @@ class MetricsLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
+        assert self._f is not None, "call start() first"
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 

@@ -13,8 +13,8 @@ import torch
 
 def capture_rng_state() -> dict:
     """torch (CPU and every CUDA device), numpy and python `random` states."""
-    np_state = np.random.get_state(legacy=True)
-    state = {
+    np_state: tuple = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    state: dict = {
         "torch_cpu": torch.get_rng_state(),
         "numpy": {
             "kind": str(np_state[0]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,8 @@ class LossModule(nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, num_items: int) -> torch.Tensor:
-        return self.model.loss(idx, targets, num_items=num_items)
+        loss_fn: Callable[..., torch.Tensor] = self.model.loss  # type: ignore[assignment]
+        return loss_fn(idx, targets, num_items=num_items)
 
 
 def check_precision(precision: str) -> None:
@@ -82,7 +84,8 @@ def train_step(
     """
     device = env.device
     plain = loss_module.module if isinstance(loss_module, nn.parallel.DistributedDataParallel) else loss_module
-    named = list(plain.model.named_parameters())
+    inner: nn.Module = plain.model  # type: ignore[assignment]
+    named = list(inner.named_parameters())
 
     kept_local = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches)
     tokens_local = sum(t.numel() for _, t in micro_batches)
@@ -96,7 +99,8 @@ def train_step(
     for i, (idx, targets) in enumerate(micro_batches):
         idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
-        no_sync = loss_module.no_sync() if env.distributed and not last else contextlib.nullcontext()
+        no_sync = (loss_module.no_sync() if env.distributed and not last  # type: ignore[operator]
+                   else contextlib.nullcontext())
         with no_sync:
             with autocast_context(precision, device):
                 loss = loss_module(idx, targets, num_items)
@@ -125,7 +129,8 @@ def train_step(
         if grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=False))
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            norms = [g.norm() for _, p in named if (g := p.grad) is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms)))
         optimizer.step()
         applied = True
     optimizer.zero_grad(set_to_none=True)

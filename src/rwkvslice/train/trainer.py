@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rwkvslice.errors import ConfigError, RWKVSliceError
+from rwkvslice.model import RWKV7
 from rwkvslice.train import checkpoint as ckpt_io
 from rwkvslice.train.distributed import (
     DistEnv,
@@ -89,7 +90,7 @@ class TrainResult:
     step: int
     last_loss: float
     checkpoint: Path | None
-    model: torch.nn.Module
+    model: RWKV7
     tokenizer: object
     losses: list[float] = field(default_factory=list)
 
@@ -142,7 +143,6 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
 
 
 def build_model(cfg: TrainConfig, tokenizer):
-    from rwkvslice.model import RWKV7
 
     if cfg.init_from:
         if not Path(cfg.init_from).is_file():
@@ -223,7 +223,6 @@ def train(cfg: TrainConfig, *, after_step: StepHook | None = None, log: Callable
 
 def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     from rwkvslice.data import ResumableLoader, build_dataset, get_tokenizer
-    from rwkvslice.model import RWKV7
 
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
@@ -256,7 +255,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     model.to(env.device)
     model.train()
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.betas[0], cfg.betas[1]),
                                 eps=cfg.adam_eps)
     schedule = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.resolved_warmup(),
                             min_lr_ratio=cfg.resolved_min_lr() / cfg.lr)
@@ -308,7 +307,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
             tokens_per_s = stats.tokens / elapsed if elapsed > 0 else float("nan")
             kept_fraction = stats.kept_tokens / max(stats.tokens, 1)
             if metrics is not None:
-                record = {"step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
+                record: dict = {"step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
                           "lr": cfg.lr * lr_factor, "tokens": stats.tokens, "kept_tokens": stats.kept_tokens,
                           "kept_fraction": kept_fraction, "tokens_per_s": tokens_per_s,
                           "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
