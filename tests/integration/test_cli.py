@@ -102,6 +102,15 @@ def test_bad_flags_exit_2_with_one_line(run_dir, tmp_path):
     assert not (tmp_path / "t" / "checkpoints").exists()
 
 
+def test_divergence_exits_1_with_one_line(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world, " * 400)
+    rc = main(["train", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--steps", "4",
+               "--lr", "1e30", "--warmup-steps", "0", "--model", "demo", "--ctx-len", "32", "--no-progress",
+               "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "step 2: non-finite" in err[0], err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--out", "X"], "no training data"),
     (["train", "--demo", "--out", "X", "--precision", "fp16"], "fp16 is not supported"),

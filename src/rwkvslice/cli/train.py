@@ -96,15 +96,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"rwkvslice: error: {exc}", file=sys.stderr)
         return 1
-    if _is_main():
+    if result.is_main:
         print(f"done: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
     return 0
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _run_demo(cfg, args) -> int:

@@ -93,6 +93,7 @@ class TrainResult:
     model: RWKV7
     tokenizer: object
     losses: list[float] = field(default_factory=list)
+    is_main: bool = True  # rank 0 (or a single process)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -249,6 +250,10 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         _check_resume_args(cfg, run_info, Path(latest), env.world_size)
         model = RWKV7.from_pretrained(latest)
         start_step = int(trainer_state["step"])
+        saved_threads = run_info.get("torch_threads")
+        if env.is_main and saved_threads not in (None, torch.get_num_threads()):
+            log(f"note: {latest} was trained with {saved_threads} torch thread(s), this process has "
+                f"{torch.get_num_threads()}; CPU results then match only to rounding, not bit for bit")
     else:
         model = build_model(cfg, tokenizer)
         start_step = 0
@@ -282,6 +287,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
             log(f"--resume: no checkpoint in {ckpt_root} yet; starting from step 0")
 
     run_info = {"tokenizer": tokenizer.name, "args": _args_dict(cfg), "world_size": env.world_size,
+                "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                 "dataset": dict(getattr(dataset, "stats", {}))}
     progress = _Progress(cfg.progress and env.is_main, cfg.steps, start_step)
     losses: list[float] = []
@@ -328,7 +334,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     if env.is_main:
         log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
     return TrainResult(out=out, step=cfg.steps, last_loss=last_loss, checkpoint=last_ckpt, model=model,
-                       tokenizer=tokenizer, losses=losses)
+                       tokenizer=tokenizer, losses=losses, is_main=env.is_main)
 
 
 def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env) -> Path:
