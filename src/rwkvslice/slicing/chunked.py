@@ -26,8 +26,6 @@ GEMM dtypes:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # Chunk-size rule (rows per chunk), see choose_chunk_size.
