@@ -58,6 +58,9 @@ def _dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# Devices whose bf16/fp16 gradient GEMMs run in that dtype (tensor cores); elsewhere they run in fp32.
+LOW_PRECISION_GRAD_GEMM_DEVICES: tuple[str, ...] = ("cuda",)
+
 _FP32_OUT_ADDMM: dict[str, bool] = {}
 
 
@@ -115,7 +118,7 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     low_precision = compute_dtype != acc_dtype
     # CUDA: gradient GEMMs in the low-precision dtype (tensor cores). Otherwise fp32 GEMMs.
-    grad_gemm_low = low_precision and device.type == "cuda"
+    grad_gemm_low = low_precision and device.type in LOW_PRECISION_GRAD_GEMM_DEVICES
     fp32_out_addmm = grad_gemm_low and need_grad_w and _has_fp32_out_addmm(device, compute_dtype)
 
     x_c = x.to(compute_dtype)
@@ -150,10 +153,10 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
             if grad_gemm_low:
                 u = logits.copy_(z)  # reuse the low-precision logits buffer (values in [-V, 1])
                 z = None
-                if need_grad_x:
-                    grad_x[start:stop] = torch.mm(u, w_c).mul_(inv_total.to(u.dtype))
+                if need_grad_x:  # row scale in fp32, one rounding to the output dtype
+                    grad_x[start:stop] = torch.mm(u, w_c).to(acc_dtype).mul_(inv_total)
                 if need_grad_w:
-                    xs_scaled = xs * inv_total.to(xs.dtype)
+                    xs_scaled = (xs.to(acc_dtype) * inv_total).to(compute_dtype)
                     if fp32_out_addmm:
                         torch.addmm(grad_w, u.t(), xs_scaled, out_dtype=torch.float32, out=grad_w)
                     else:
