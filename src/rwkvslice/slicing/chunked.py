@@ -146,21 +146,21 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
 
         if need_grad_x or need_grad_w:
             # dlogits = softmax - onehot = u / total with u_j = exp(z_j - m) (j != y), u_y = -rest:
-            # p_y - 1 = -rest / total without cancellation. The 1/total row scale is applied to the
-            # small (n x C) operands and results instead of the n x V buffer (one pass fewer).
+            # p_y - 1 = -rest / total without cancellation. On the fp32 path the 1/total row scale is
+            # applied to the small (n x C) operands and results instead of the n x V buffer.
             z.scatter_(1, ts, -rest)
             inv_total = (torch.exp(d) + rest).reciprocal()
             if grad_gemm_low:
-                u = logits.copy_(z)  # reuse the low-precision logits buffer (values in [-V, 1])
+                # Normalise first so the low-precision copy holds values in [-1, 1] (fp16-safe).
+                u = logits.copy_(z.mul_(inv_total))  # reuse the low-precision logits buffer
                 z = None
-                if need_grad_x:  # row scale in fp32, one rounding to the output dtype
-                    grad_x[start:stop] = torch.mm(u, w_c).to(acc_dtype).mul_(inv_total)
+                if need_grad_x:
+                    grad_x[start:stop] = torch.mm(u, w_c)
                 if need_grad_w:
-                    xs_scaled = (xs.to(acc_dtype) * inv_total).to(compute_dtype)
                     if fp32_out_addmm:
-                        torch.addmm(grad_w, u.t(), xs_scaled, out_dtype=torch.float32, out=grad_w)
+                        torch.addmm(grad_w, u.t(), xs, out_dtype=torch.float32, out=grad_w)
                     else:
-                        grad_w.addmm_(u.t().to(acc_dtype), xs_scaled.to(acc_dtype))
+                        grad_w.addmm_(u.t().to(acc_dtype), xs.to(acc_dtype))
                 u = None
             else:
                 if need_grad_x:
