@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from rwkvslice.data import DemoTask
+from rwkvslice.errors import ConfigError
 from rwkvslice.train import checkpoint as ckpt_io
 from rwkvslice.train import trainer as trainer_mod
 from rwkvslice.train.checkpoint import latest_checkpoint
@@ -108,6 +109,8 @@ def test_resume_with_more_steps_continues_the_run(tmp_path, data):
     train(cfg(tmp_path, data, steps=3), log=lambda m: None)
     res = train(cfg(tmp_path, data, steps=5, resume=True), log=lambda m: None)
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5] and res.step == 5
+    with pytest.raises(ConfigError, match="--steps 4: .* already at step 5"):
+        train(cfg(tmp_path, data, steps=4, resume=True), log=lambda m: None)
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, data, reference):

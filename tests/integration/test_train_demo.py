@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.component("Training Loop")]
+# ~1 minute on an idle 2-core CPU; the timeout leaves room for a loaded machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.component("Training Loop")]
 
 
 def test_demo_reaches_exact_match(tmp_path):

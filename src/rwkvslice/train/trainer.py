@@ -250,6 +250,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         _check_resume_args(cfg, run_info, Path(latest), env.world_size)
         model = RWKV7.from_pretrained(latest)
         start_step = int(trainer_state["step"])
+        if start_step > cfg.steps:
+            raise ConfigError(f"--steps {cfg.steps}: {latest} is already at step {start_step}")
         saved_threads = run_info.get("torch_threads")
         if env.is_main and saved_threads not in (None, torch.get_num_threads()):
             log(f"note: {latest} was trained with {saved_threads} torch thread(s), this process has "
@@ -260,8 +262,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     model.to(env.device)
     model.train()
 
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.betas[0], cfg.betas[1]),
-                                eps=cfg.adam_eps)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.adam_eps)
     schedule = WarmupCosine(optimizer, total_steps=cfg.steps, warmup_steps=cfg.resolved_warmup(),
                             min_lr_ratio=cfg.resolved_min_lr() / cfg.lr)
     loader = ResumableLoader(dataset, cfg.batch_size, seed=cfg.seed, rank=env.rank,
@@ -313,11 +315,13 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
             tokens_per_s = stats.tokens / elapsed if elapsed > 0 else float("nan")
             kept_fraction = stats.kept_tokens / max(stats.tokens, 1)
             if metrics is not None:
-                record: dict = {"step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
-                          "lr": cfg.lr * lr_factor, "tokens": stats.tokens, "kept_tokens": stats.kept_tokens,
-                          "kept_fraction": kept_fraction, "tokens_per_s": tokens_per_s,
-                          "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
-                          "step_time_s": elapsed}
+                record: dict = {
+                    "step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
+                    "lr": cfg.lr * lr_factor, "tokens": stats.tokens, "kept_tokens": stats.kept_tokens,
+                    "kept_fraction": kept_fraction, "tokens_per_s": tokens_per_s,
+                    "grad_norm": stats.grad_norm if math.isfinite(stats.grad_norm) else None,
+                    "step_time_s": elapsed,
+                }
                 if stats.nonfinite:
                     record["skipped"] = stats.nonfinite
                     progress.write(f"step {step}: skipped (non-finite {stats.nonfinite})")
