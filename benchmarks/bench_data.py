@@ -147,7 +147,7 @@ def bench_batching(tmp: Path, text: str, rounds: int) -> list[dict]:
         for r in rows:
             r["data"].append(loader_tokens_per_s(r["dataset"], r["batch"], 200))
         for shape, speeds in train.items():
-            speeds.extend(steps[shape].run() for _ in range(2))
+            speeds.extend(steps[shape].run() for _ in range(5))
     for r in rows:
         r["train"] = train[(r["batch"], r["ctx"])]
     return rows

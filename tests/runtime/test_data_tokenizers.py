@@ -181,3 +181,13 @@ def test_get_tokenizer_passes_instances_through_and_caches():
     tok = ByteTokenizer()
     assert get_tokenizer(tok) is tok
     assert get_tokenizer("byte") is get_tokenizer("byte")
+
+
+def test_decode_accepts_tensors_arrays_and_tuples(byte):
+    import numpy as np
+    import torch
+
+    for ids in (torch.tensor([66, 0, 67]), np.array([66, 0, 67], dtype=np.int32), (66, 0, 67)):
+        assert byte.decode(ids) == "AB"
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        byte.decode(torch.tensor([66, -1]))

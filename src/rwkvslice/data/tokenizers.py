@@ -46,17 +46,24 @@ class Tokenizer:
         return self.encode_bytes(text.encode("utf-8"))
 
     def decode_bytes(self, ids) -> bytes:
-        table, n = self._id_to_bytes, self.vocab_size
-        parts = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} is outside the {self.name} vocabulary [0, {n})")
-            piece = table[i] if i < len(table) else None
-            if piece is None:
-                piece = b"" if i == EOD_ID else _REPLACEMENT
-            parts.append(piece)
-        return b"".join(parts)
+        if hasattr(ids, "tolist"):  # a numpy array or a tensor
+            ids = ids.tolist()
+        ids = [int(i) for i in ids] if not isinstance(ids, list) else ids
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside the {self.name} vocabulary [0, {self.vocab_size})")
+        table = self._decode_table()
+        return b"".join([table[i] for i in ids])
+
+    def _decode_table(self) -> list[bytes]:
+        """bytes of every id in [0, vocab_size): eod -> b"", ids without bytes -> U+FFFD."""
+        table = getattr(self, "_table", None)
+        if table is None:
+            table = [piece if piece is not None else (b"" if i == EOD_ID else _REPLACEMENT)
+                     for i, piece in enumerate(self._id_to_bytes)]
+            table += [_REPLACEMENT] * (self.vocab_size - len(table))
+            self._table = table
+        return table
 
     def decode(self, ids, errors: str = "replace") -> str:
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
