@@ -68,6 +68,9 @@ TORCH_MATRIX = [
 # The matrix runs the fast subset; e2e_cpu and integration run everything.
 MATRIX_MARKERS = "not gpu and not slow"
 
+# Optional extras the torch sessions install: the World tokenizer / `rwkv` interop reference and the loss plot.
+EXTRAS = "world,plot"
+
 # One id per `nox` invocation: the coverage report tells this run's results from older ones.
 RUN_ID = os.environ.get("RWKVSLICE_NOX_RUN_ID") or f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
@@ -177,13 +180,13 @@ def _layer_env(
 def _pytest(session: nox.Session, layer: str, *args: str, env: dict[str, str], coverage: bool = True) -> None:
     JUNIT_DIR.mkdir(parents=True, exist_ok=True)
     junit = f"--junitxml={JUNIT_DIR / (_slug(session) + '.xml')}"
-    runner = ["coverage", "run", "-m", "pytest"] if coverage else ["pytest"]
+    runner = ["coverage", "run", "-m", "pytest", "--durations=10"] if coverage else ["pytest"]
     session.run(*runner, junit, *args, *session.posargs, env=env)
 
 
 def _install_torch_layer(session: nox.Session, torch_version: str) -> None:
     # torch pinned in the same resolve as the package so `torch` (unpinned in pyproject) can't float.
-    session.install(f"torch=={torch_version}", "-e", ".[world]", *TEST_DEPS)
+    session.install(f"torch=={torch_version}", "-e", f".[{EXTRAS}]", *TEST_DEPS)
 
 
 @nox.session(default=True)
@@ -239,7 +242,7 @@ def e2e_gpu(session: nox.Session) -> None:
     session.log(f"CUDA device: {why}")
     # A CUDA build of torch: "===" (PEP 440 arbitrary equality) matches the version string exactly, so the
     # local "2.13.0+cpu" wheel that "==2.13.0" would also accept is left out of the resolve.
-    session.install(f"torch==={TORCH_GPU}", "-e", ".[world]", *TEST_DEPS)
+    session.install(f"torch==={TORCH_GPU}", "-e", f".[{EXTRAS}]", *TEST_DEPS)
     probe = "import torch; print(torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
     seen = str(session.run("python", "-c", probe, silent=True) or "").strip()
     if not seen.endswith("True"):  # a GPU the driver lists but this torch build cannot use
