@@ -150,13 +150,14 @@ def recorded(layer: str):
             ]:
                 old.unlink(missing_ok=True)
             started = time.time()
+            layer_name = layer.format(**kwargs)  # e.g. "torch-{torch}" -> "torch-2.5.1"
             try:
                 fn(session, *args, **kwargs)
             except BaseException as exc:
                 skipped = type(exc).__name__ == "_SessionSkip"
-                _write_status(session, layer, "skipped" if skipped else "failed", str(exc), started)
+                _write_status(session, layer_name, "skipped" if skipped else "failed", str(exc), started)
                 raise
-            _write_status(session, layer, "success", "", started)
+            _write_status(session, layer_name, "success", "", started)
 
         return wrapper
 
@@ -265,7 +266,7 @@ def integration(session: nox.Session) -> None:
 
 @nox.session(default=True)
 @nox.parametrize("torch", TORCH_MATRIX, ids=TORCH_MATRIX)
-@recorded("torch_matrix")
+@recorded("torch-{torch}")
 def torch_matrix(session: nox.Session, torch: str) -> None:
     """Runtime + integration layers (fast subset) on one torch version of the supported range."""
     _install_torch_layer(session, torch)
