@@ -8,52 +8,112 @@ import sys
 from pathlib import Path
 
 from rwkvslice.errors import ConfigError
+from rwkvslice.model import PRESETS
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model (or --demo: the built-in task end to end)",
+        "train",
+        help="train a model (or --demo: the built-in task end to end)",
         description="Train an RWKV-7 model. The LM head and loss run only on positions with a target "
-                    "(physical slicing). Under torchrun the same command trains with DDP.")
+        "(physical slicing). Under torchrun the same command trains with DDP.",
+    )
     src = p.add_argument_group("data")
-    src.add_argument("--demo", action="store_true",
-                     help="train on the built-in key-value task, then evaluate held-out exact match")
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="train on the built-in key-value task, then evaluate held-out exact match "
+        "(its defaults: --model demo --steps 500 --batch-size 32 --lr 1e-3)",
+    )
     src.add_argument("--data", metavar="PATH", help=".txt, .jsonl or a binidx prefix (PREFIX.bin/.idx)")
     src.add_argument("--tokenizer", choices=("byte", "world"), default=None, help="default: byte")
     src.add_argument("--ctx-len", type=int, default=None, metavar="T", help="tokens per window (default 256)")
     src.add_argument("--pack", action="store_true", help="pack several short samples into one window")
-    src.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    src.add_argument(
+        "--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes (default 0)"
+    )
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None,
-                   help="size preset (demo, tiny, small, 0.1b, 0.4b, 1.5b; default tiny) or a JSON config file")
+    m.add_argument(
+        "--model",
+        default=None,
+        metavar="PRESET|FILE.json",
+        help=f"size preset ({', '.join(PRESETS)}; default tiny) or a JSON config file "
+        "(RWKV7Config fields; vocab_size defaults to the tokenizer's)",
+    )
     m.add_argument("--init-from", metavar="PTH", help="fine-tune from an official RWKV-7 .pth")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
-    o.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch per process (default 4)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    o.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps (default 100)")
+    o.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="windows per micro-batch per process (default 4)",
+    )
+    o.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default 1)"
+    )
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3); att.w0 gets 2x")
     o.add_argument("--min-lr", type=float, default=None, help="final LR of the cosine decay (default lr/10)")
-    o.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default min(100, steps/10))")
-    o.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW decay on 2-D .weight matrices only (default 1e-3)")
-    o.add_argument("--adam-eps", type=float, default=1e-8, help="default 1e-8 (the official demo uses 1e-18)")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    o.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast, fp32 master weights)")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient is not finite instead of stopping")
+    o.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="linear warmup (default min(100, steps/10))",
+    )
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        metavar="WD",
+        help="AdamW decay on 2-D .weight matrices only (default 1e-3)",
+    )
+    o.add_argument(
+        "--adam-eps",
+        type=float,
+        default=1e-8,
+        metavar="EPS",
+        help="default 1e-8 (the official demo uses 1e-18)",
+    )
+    o.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        metavar="NORM",
+        help="max gradient norm, 0 = off (default 1.0)",
+    )
+    o.add_argument(
+        "--precision",
+        default="fp32",
+        metavar="fp32|bf16",
+        help="fp32 or bf16 (autocast, fp32 master weights)",
+    )
+    o.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
+    o.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a step whose loss or gradient is not finite instead of stopping",
+    )
 
     r = p.add_argument_group("output")
     r.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, metrics.jsonl)")
-    r.add_argument("--save-every", type=int, default=None, metavar="N", help="checkpoint every N steps "
-                   "(default: only at the end)")
+    r.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint every N steps (default: only at the end)",
+    )
     r.add_argument("--keep", type=int, default=3, metavar="K", help="keep the newest K checkpoints")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    r.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--eval-samples", type=int, default=None, help="--demo: held-out examples (default 200)")
+    r.add_argument(
+        "--eval-samples", type=int, default=None, metavar="N", help="--demo: held-out examples (default 200)"
+    )
     p.set_defaults(run=run)
 
 
@@ -72,17 +132,40 @@ def _config_from_args(args: argparse.Namespace):
     base = TrainConfig(out=args.out)
     defaults = dict(DEMO_DEFAULTS) if args.demo else {}
     values: dict = {}
-    for name in ("tokenizer", "model", "steps", "ctx_len", "batch_size", "lr", "min_lr", "warmup_steps",
-                 "weight_decay", "save_every"):
+    for name in (
+        "tokenizer",
+        "model",
+        "steps",
+        "ctx_len",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "warmup_steps",
+        "weight_decay",
+        "save_every",
+    ):
         given = getattr(args, name)
         values[name] = given if given is not None else defaults.get(name, getattr(base, name))
     if args.demo and values["tokenizer"] != "byte":
         raise ConfigError("--demo uses the byte tokenizer; drop --tokenizer")
     return TrainConfig(
-        out=args.out, data=args.data, init_from=args.init_from, grad_accum=args.grad_accum,
-        adam_eps=args.adam_eps, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
-        keep=args.keep, resume=args.resume, device=args.device, skip_nonfinite=args.skip_nonfinite,
-        pack=args.pack, num_workers=args.num_workers, progress=not args.no_progress, **values)
+        out=args.out,
+        data=args.data,
+        init_from=args.init_from,
+        grad_accum=args.grad_accum,
+        adam_eps=args.adam_eps,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        seed=args.seed,
+        keep=args.keep,
+        resume=args.resume,
+        device=args.device,
+        skip_nonfinite=args.skip_nonfinite,
+        pack=args.pack,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        **values,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,8 +206,11 @@ def _run_demo(cfg, args) -> int:
             demo.write_demo_data(Path(cfg.out), task)
         barrier(env)
         if env.is_main:
-            print(f"demo: key-value retrieval, e.g. {task.samples(1)[0]!r}; model preset {cfg.model!r}, "
-                  f"{cfg.steps} steps of {cfg.batch_size} x {cfg.ctx_len} tokens", file=sys.stderr)
+            print(
+                f"demo: key-value retrieval, e.g. {task.samples(1)[0]!r}; model preset {cfg.model!r}, "
+                f"{cfg.steps} steps of {cfg.batch_size} x {cfg.ctx_len} tokens",
+                file=sys.stderr,
+            )
         try:
             result = train(cfg, env=env)
         except NonFiniteError as exc:
@@ -134,17 +220,26 @@ def _run_demo(cfg, args) -> int:
             return 0
         kept_fraction = _dataset_kept_fraction(Path(cfg.out))
         cfgm = result.model.config
-        print(demo.slicing_memory_note(batch_size=cfg.batch_size, ctx_len=cfg.ctx_len,
-                                       vocab_size=cfgm.vocab_size, n_embd=cfgm.n_embd,
-                                       kept_fraction=kept_fraction))
-        ev = demo.evaluate_task(result.model, result.tokenizer, task,
-                                args.eval_samples or demo.DEMO_EVAL_SAMPLES)
+        print(
+            demo.slicing_memory_note(
+                batch_size=cfg.batch_size,
+                ctx_len=cfg.ctx_len,
+                vocab_size=cfgm.vocab_size,
+                n_embd=cfgm.n_embd,
+                kept_fraction=kept_fraction,
+            )
+        )
+        ev = demo.evaluate_task(
+            result.model, result.tokenizer, task, args.eval_samples or demo.DEMO_EVAL_SAMPLES
+        )
         demo.write_eval(Path(cfg.out) / "eval.json", ev)
         for ex in ev["examples"][:3]:
             mark = "ok" if ex["correct"] else "WRONG"
             print(f"  {ex['prompt']!r} -> {ex['generated']!r} (expected {ex['expected']!r}, {mark})")
-        print(f"held-out exact match: {ev['exact_match']:.3f} on {ev['n']} examples -> "
-              f"{Path(cfg.out) / 'eval.json'} ({time.perf_counter() - t0:.0f} s in all)")
+        print(
+            f"held-out exact match: {ev['exact_match']:.3f} on {ev['n']} examples -> "
+            f"{Path(cfg.out) / 'eval.json'} ({time.perf_counter() - t0:.0f} s in all)"
+        )
         return 0
     finally:
         teardown_distributed(env)
