@@ -134,3 +134,24 @@ def test_bad_values_in_process(run_dir, tmp_path, monkeypatch, capsys, argv, nee
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rwkvslice: error: ") and needle in err[0], err
+
+
+def test_eval_data_loss_matches_full_logits(run_dir, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from rwkvslice.data import build_dataset
+
+    data = run_dir.parent / "train.jsonl"
+    assert main(["eval", "--ckpt", str(run_dir), "--data", str(data), "--batch-size", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, tok, _, _ = load_model(run_dir)
+    ds = build_dataset(data, tok, 32)
+    total, kept = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):  # reference: full logits, masked CE, one window at a time, fp64 sum
+            idx, targets = ds[i]
+            logits = model(idx[None])[0]
+            total += F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="sum").item()
+            kept += int((targets != -100).sum())
+    assert result["kept_tokens"] == kept and result["windows"] == len(ds)
+    assert result["loss"] == pytest.approx(total / kept, rel=1e-5)
