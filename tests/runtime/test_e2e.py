@@ -447,8 +447,9 @@ def test_e2e_full_training_and_inference(device, dtype, tmp_path):
     tok = get_tokenizer("byte")
     reloaded = RWKV7.from_pretrained(resolve_weights_dir(result.checkpoint)).to(device)
     probe = torch.tensor([tok.encode("red? apple")], device=device)
+    exact = 0.0 if device.type == "cpu" else 1e-5  # GPU kernels may pick another algorithm per call
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(probe), result.model.eval()(probe), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(probe), result.model.eval()(probe), rtol=exact, atol=exact)
     prompts = list(pairs)
     outs = generate(
         reloaded, [tok.encode(p) for p in prompts], max_new_tokens=8, temperature=0.0, eod_id=tok.eod_id
