@@ -126,3 +126,17 @@ def test_bad_schedule_arguments(model):
         WarmupCosine(opt, total_steps=0, warmup_steps=0, min_lr_ratio=0.1)
     with pytest.raises(ConfigError, match="--min-lr"):
         WarmupCosine(opt, total_steps=10, warmup_steps=0, min_lr_ratio=2.0)
+
+
+@pytest.mark.parametrize("eps, expected_step", [
+    (1e-8, 1e-3 * 1e-17 / (1e-17 + 1e-8)),    # default: a noise-level gradient does nothing
+    (1e-18, 1e-3 * 1e-17 / (1e-17 + 1e-18)),  # official demo value: ~0.9 lr for the same gradient
+])
+def test_adam_eps_and_noise_level_gradients(eps, expected_step):
+    """Why the default eps is 1e-8 (see optim.py): first AdamW step = lr * g / (|g| + eps)."""
+    m = torch.nn.Module()
+    m.register_parameter("x_r", torch.nn.Parameter(torch.zeros(4)))
+    opt = build_optimizer(m, lr=1e-3, weight_decay=0.0, eps=eps)
+    m.x_r.grad = torch.full((4,), 1e-17)
+    opt.step()
+    torch.testing.assert_close(-m.x_r.detach(), torch.full((4,), expected_step), rtol=1e-5, atol=1e-20)

@@ -6,13 +6,15 @@ Parameter groups (BlinkDL/RWKV-LM train_temp):
 - "w0":       every `att.w0` (the decay bias) at twice the learning rate, no weight decay.
 - "no_decay": everything else (token-shift mixes, LoRA factors, LayerNorms, k_k, k_a, r_k, ...).
 
-Adam epsilon: the official demo uses eps=1e-18 under DeepSpeed. We default to 1e-8 because our master
-weights and Adam moments are fp32: v = g^2 underflows to (sub)normal values for |g| below ~1e-19, and
-with eps=1e-18 such numerically-zero gradients (e.g. rows of rarely seen embedding tokens) get
-m / (sqrt(v) + eps) ~ 1, i.e. a full learning-rate step in a random direction. With eps=1e-8 those
-updates stay proportional to the gradient, while every gradient of a meaningful size (>= 1e-6 for these
-models) still sees sqrt(v) >> eps, so the update is the same as with 1e-18. `--adam-eps 1e-18` restores
-the official value.
+Adam epsilon: the official demo passes eps=1e-18 to its DeepSpeed Adam. We default to 1e-8:
+our master weights and Adam moments are fp32, and the update is lr * m / (sqrt(v) + eps). With eps=1e-18
+every gradient larger than ~1e-17 -- far below fp32 rounding noise of the loss, e.g. a cancellation
+residue -- gets an almost full learning-rate step in its sign's direction (g = 1e-17 moves the weight by
+0.9 * lr), and once v underflows (|g| < ~1e-19) the ratio is undefined noise. With eps=1e-8 such
+gradients move weights by ~lr * |g| / 1e-8, i.e. nothing, while any gradient of a meaningful size
+(>= 1e-6 here) sees sqrt(v) >> eps and gets the same update as with 1e-18. Measured on the demo
+(500 steps, lr 1e-3): eps 1e-8 and 1e-18 both reach exact match 1.0; mean loss over steps 101-200 is
+0.875 vs 0.931. `--adam-eps 1e-18` restores the official value.
 """
 
 from __future__ import annotations
