@@ -1,3 +1,342 @@
-"""Placeholder: the fast CPU path is being written (see issue 2). Falls back to the reference loop."""
+"""WKV-7, the fast differentiable CPU path: a chunked form with a hand-written, memory-lean backward.
 
-from rwkvslice.ops.wkv7_reference import wkv7_reference as wkv7_torch  # noqa: F401
+Recurrence (per batch and head, state S is N x N in the official [value][key] layout):
+
+    S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,   y_t = S_t r_t,   d_t = exp(-exp(w_t))
+
+The sequence is cut into chunks of L = CHUNK_LEN steps. Inside a chunk, with lam = log d = -exp(w),
+Gi_t = lam_0 + ... + lam_t, Gx_t = Gi_t - lam_t, G_L the chunk total, S0 the chunk's start state and
+sa_t = S_{t-1} a_t, all stacked with time as rows:
+
+    SA  = Aw S0^T + M_ka V + M_ba SA        -> SA = P (Aw S0^T + M_ka V),  P = (I - M_ba)^{-1}
+    Y   = Rw S0^T + Q_kr V + Q_br SA
+    S_L = S0 diag(e^{G_L}) + V^T Kend + SA^T Bend
+
+    Aw_t = a_t e^{Gx_t}, Rw_t = r_t e^{Gi_t}, Kend_s = k_s e^{G_L - Gi_s}, Bend_s = b_s e^{G_L - Gi_s}
+    M_ka[t,s] = sum_j a_t k_s e^{Gx_t - Gi_s}  (s < t),   Q_kr[t,s] = sum_j r_t k_s e^{Gi_t - Gi_s}  (s <= t)
+    (M_ba, Q_br: the same with b_s in place of k_s.)
+
+Every exponent is a sum of log-decays over a range of steps, computed directly as such (an exact 0/+-1
+matrix times lam), never by dividing by a cumulative decay product. The pairwise factors of the L x L
+matrices are formed in one of two ways:
+- "factored" (fast path): e^{Gx_t - Gi_s} = e^{Gx_t - c} e^{c - Gi_s}, c the cumulative log-decay at the
+  chunk middle, so each factor is bounded by half a chunk of decay. Used only when that bound stays far
+  from overflow, which always holds for the model's decays (>= exp(-exp(-0.5)) = 0.545).
+- "pairwise" (fallback for extreme decays): e^{sum of lam over s+1..t-1} per (t, s, channel), <= 1.
+
+Forward: a parallel pass over chunks computes the intra-chunk quantities, a sequential scan carries the
+state from chunk to chunk (one snapshot per chunk), and Y follows in parallel. Autograd keeps only the
+inputs and the snapshots. Backward recomputes the intra-chunk quantities, scans the state gradient
+backwards, then forms all gradients in parallel. Long inputs are processed in segments of chunks so the
+temporaries stay bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+CHUNK_LEN = 16
+# Largest exponent allowed in the factored form: e^40 ~ 2e17 keeps fp32 products far from overflow.
+_FACTORED_EXP_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
+# Bound on the elements of the largest per-segment temporary (bounds peak memory for long inputs).
+_SEGMENT_ELEMS = 1 << 19
+_MID = CHUNK_LEN // 2 - 1  # the reference step c of the factored form
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_view(buf: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """A (n_chunks, B*H, L, N) buffer seen as (B, n_chunks, L, H, N), i.e. the input's time layout."""
+    n_chunks, _, L, N = buf.shape
+    return buf.view(n_chunks, B, H, L, N).permute(1, 0, 3, 2, 4)
+
+
+def _to_chunks(xs, n_chunks: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, N) tensors -> one (n_chunks, B*H, len(xs)*L, N) buffer, zero-padded at the end."""
+    B, T, H, N = xs[0].shape
+    L = CHUNK_LEN
+    buf = torch.empty(n_chunks, B * H, len(xs) * L, N, dtype=dtype, device=xs[0].device)
+    parts = buf.view(n_chunks, B * H, len(xs), L, N)
+    full, tail = T // L, T % L
+    for i, x in enumerate(xs):
+        dst = _chunk_view(parts[:, :, i], B, H)
+        dst[:, :full].copy_(x[:, : full * L].reshape(B, full, L, H, N))
+        if tail:
+            dst[:, full, :tail].copy_(x[:, full * L :])
+            dst[:, full, tail:].zero_()
+    return buf
+
+
+def _from_chunks(buf: torch.Tensor, B: int, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n_chunks, B*H, L, N) -> (B, T, H, N) in `dtype`."""
+    n_chunks, _, L, N = buf.shape
+    out = torch.empty(B, n_chunks * L, H, N, dtype=dtype, device=buf.device)
+    out.view(B, n_chunks, L, H, N).copy_(_chunk_view(buf, B, H))
+    return out[:, :T].contiguous()
+
+
+_CONSTS: dict = {}
+
+
+def _consts(dtype: torch.dtype, device: torch.device):
+    """Exponent matrix (8L x L) and the 2L x 2L causal mask, cached per dtype/device.
+
+    Rows of the exponent matrix, as sums of lam over step ranges, in the order of the products
+    [Aw, Rw, Kend, Bend, Al, Rl, Kr, Br] (a, r, k, b scaled; the last four only in the factored form):
+    Gx_t, Gi_t, G_L - Gi_s, G_L - Gi_s, Gx_t - c, Gi_t - c, c - Gi_s, c - Gi_s.
+    """
+    key = (dtype, device)
+    if key not in _CONSTS:
+        L = CHUNK_LEN
+        ones = torch.ones(L, L, dtype=dtype, device=device)
+        incl, excl, after = ones.tril(), ones.tril(-1), ones.triu(1)
+        upto_mid = incl[_MID].expand(L, L)  # row of c = Gi_mid
+        expo = torch.cat(
+            [excl, incl, after, after, excl - upto_mid, incl - upto_mid, upto_mid - incl, upto_mid - incl]
+        )
+        top = torch.cat([excl, excl], 1)  # sa_t reads S_{t-1}: strictly causal
+        bottom = torch.cat([incl, incl], 1)  # y_t reads S_t: includes step t
+        _CONSTS[key] = (expo, torch.cat([top, bottom]))
+    return _CONSTS[key]
+
+
+def _needs_pairwise(lam: torch.Tensor) -> bool:
+    """True when the factored form could leave the safe exponent range (decays far below the model's)."""
+    if lam.numel() == 0:
+        return False
+    # Half a chunk of the strongest decay bounds every exponent of the factored form.
+    worst = float(-lam.min()) * (CHUNK_LEN // 2)
+    return worst > _FACTORED_EXP_LIMIT[lam.dtype]
+
+
+class _Intra:
+    """Quantities of a batch of chunks that depend only on the chunk inputs.
+
+    x4: (n, 4L, N) = [a; r; k; b] per chunk, lam: (n, L, N). `mall` (n, 2L, 2L) holds the four L x L
+    matrices as [[M_ka, M_ba], [Q_kr, Q_br]]: rows [a-side; r-side], columns [k-side; b-side].
+    """
+
+    def __init__(self, x4: torch.Tensor, lam: torch.Tensor, pairwise: bool):
+        L = CHUNK_LEN
+        self.x4, self.lam, self.pairwise = x4, lam, pairwise
+        expo_mat, self.mask = _consts(lam.dtype, lam.device)
+        n_blocks = 4 if pairwise else 8
+        self.expo_mat = expo_mat[: n_blocks * L]
+        self.e = torch.matmul(self.expo_mat, lam).exp_()  # (n, n_blocks*L, N)
+        n, _, N = lam.shape
+        prod = self.e.view(n, n_blocks // 4, 4 * L, N) * x4[:, None]
+        self.prod = prod.view(n, n_blocks * L, N)  # [Aw, Rw, Kend, Bend (, Al, Rl, Kr, Br)]
+        self.aw, self.rw = self.prod[:, :L], self.prod[:, L : 2 * L]
+        self.kb_end, self.b_end = self.prod[:, 2 * L : 4 * L], self.prod[:, 3 * L : 4 * L]
+        self.e_chunk = self.e[:, 2 * L - 1 : 2 * L]  # e^{G_L}, (n, 1, N)
+
+        if pairwise:
+            self.mall = self._pairwise_matrices()
+        else:
+            self.lhs, self.rhs = self.prod[:, 4 * L : 6 * L], self.prod[:, 6 * L :]
+            self.mall = torch.bmm(self.lhs, self.rhs.mT).mul_(self.mask)
+        m_ka, m_ba = self.mall[:, :L, :L], self.mall[:, :L, L:]
+        q_kr, q_br = self.mall[:, L:, :L], self.mall[:, L:, L:]
+        self.m_ka, self.q_br = m_ka, q_br
+        eye = torch.eye(L, dtype=lam.dtype, device=lam.device).expand_as(m_ba)
+        self.p = torch.linalg.solve_triangular(eye - m_ba, eye, upper=False, unitriangular=True)
+        self.w1 = torch.bmm(self.p, self.aw)  # SA = w1 S0^T + w2 V
+        self.w2 = torch.bmm(self.p, m_ka)
+        self.rq = torch.baddbmm(self.rw, q_br, self.w1)  # Y = rq S0^T + qv V
+        self.qv = torch.baddbmm(q_kr, q_br, self.w2)
+        # S_L = S0 diag(e^{G_L}) + (S0 w1^T) Bend + V^T u
+        self.u = torch.baddbmm(self.prod[:, 2 * L : 3 * L], self.w2.mT, self.b_end)
+
+    def _pairwise_matrices(self) -> torch.Tensor:
+        L = CHUNK_LEN
+        a, r, k, b = self.x4.unflatten(1, (4, L)).unbind(1)
+        ones = torch.ones(L, L, dtype=torch.bool, device=a.device)
+        strict = ones.tril(-1)
+        # e[n, t, s, j] = exp(sum of lam over steps s+1 .. t-1) for s < t, accumulated along t as
+        # lam_{t-1} [s < t-1]; the exponent is <= 0.
+        lam_prev = F.pad(self.lam[:, :-1], (0, 0, 1, 0))
+        expo = (lam_prev[:, :, None, :] * ones.tril(-2)[:, :, None]).cumsum(1)
+        self.e_pair = expo.masked_fill_(~strict[:, :, None], float("-inf")).exp_()
+        self.rdec = r * self.lam.exp()  # e^{Gi_t - Gi_s} = d_t e^{Gx_t - Gi_s}
+        ea = a[:, :, None, :] * self.e_pair
+        er = self.rdec[:, :, None, :] * self.e_pair
+        k_s, b_s = k[:, None], b[:, None]
+        top = torch.cat([(ea * k_s).sum(-1), (ea * b_s).sum(-1)], 2)
+        diag_kr = torch.diag_embed((r * k).sum(-1))
+        diag_br = torch.diag_embed((r * b).sum(-1))
+        bottom = torch.cat([(er * k_s).sum(-1) + diag_kr, (er * b_s).sum(-1) + diag_br], 2)
+        return torch.cat([top, bottom], 1)
+
+    def backward(self, dprod, dmall, d_echunk, dx4_out):
+        """Chain rule from the products to the inputs.
+
+        dprod: like `prod`, its first 4L rows filled with the gradients of [Aw, Rw, Kend, Bend];
+        dmall: gradient of the masked `mall`; d_echunk: of e^{G_L}. Writes d[a; r; k; b] (n, 4L, N)
+        into dx4_out and returns dlam (n, L, N). Overwrites dprod and self.prod.
+        """
+        L = CHUNK_LEN
+        if not self.pairwise:
+            torch.bmm(dmall, self.rhs, out=dprod[:, 4 * L : 6 * L])
+            torch.bmm(dmall.mT, self.lhs, out=dprod[:, 6 * L :])
+        dexpo = self.prod.mul_(dprod)  # gradient of each exponent row (prod is not needed any more)
+        dx = dprod.mul_(self.e)
+        if self.pairwise:
+            dx4_pair, dgx, dgi, dlam_direct = self._pairwise_backward(dmall)
+            torch.add(dx, dx4_pair, out=dx4_out)
+            dexpo[:, :L] += dgx
+            dexpo[:, L : 2 * L] += dgi
+        else:
+            torch.add(dx[:, : 4 * L], dx[:, 4 * L :], out=dx4_out)
+        dlam = torch.matmul(self.expo_mat.mT, dexpo)
+        dlam += d_echunk * self.e_chunk  # e^{G_L} with G_L = sum of all lam
+        if self.pairwise:
+            dlam += dlam_direct
+        return dlam
+
+    def _pairwise_backward(self, dmall: torch.Tensor):
+        L = CHUNK_LEN
+        a, r, k, b = self.x4.unflatten(1, (4, L)).unbind(1)
+        d_ka, d_ba = dmall[:, :L, :L, None], dmall[:, :L, L:, None]
+        d_kr, d_br = dmall[:, L:, :L], dmall[:, L:, L:]
+        diag_kr, diag_br = d_kr.diagonal(0, 1, 2)[..., None], d_br.diagonal(0, 1, 2)[..., None]
+        d_kr, d_br = d_kr.tril(-1)[..., None], d_br.tril(-1)[..., None]
+        e = self.e_pair
+        k_s, b_s = k[:, None], b[:, None]
+        a_t, rd_t = a[:, :, None], self.rdec[:, :, None]
+        da = (e * (d_ka * k_s + d_ba * b_s)).sum(2)
+        drd = (e * (d_kr * k_s + d_br * b_s)).sum(2)
+        dk = (e * (d_ka * a_t + d_kr * rd_t)).sum(1)
+        db = (e * (d_ba * a_t + d_br * rd_t)).sum(1)
+        dgx = a * da + self.rdec * drd  # the pair exponent is Gx_t - Gi_s
+        dgi = -(k * dk + b * db)
+        dr = drd * self.lam.exp() + diag_kr * k + diag_br * b
+        dk = dk + diag_kr * r
+        db = db + diag_br * r
+        return torch.cat([da, dr, dk, db], 1), dgx, dgi, drd * self.rdec
+
+
+def _segments(n_chunks: int, bh: int, N: int, pairwise: bool):
+    per_chunk = bh * CHUNK_LEN * N * (CHUNK_LEN if pairwise else 8)
+    size = max(1, _SEGMENT_ELEMS // per_chunk)
+    return [(c0, min(c0 + size, n_chunks)) for c0 in range(0, n_chunks, size)]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _chunk_inputs(r, w, k, v, a, b):
+    B, T, H, N = r.shape
+    cd = _compute_dtype(r)
+    n_chunks = -(-T // CHUNK_LEN)
+    lam = _to_chunks([-w.to(cd).exp()], n_chunks, cd)  # zero padding = decay 1: the state is kept
+    return _to_chunks([a, r, k, b], n_chunks, cd), _to_chunks([v], n_chunks, cd), lam
+
+
+class _WKV7Chunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state):
+        B, T, H, N = r.shape
+        bh, L = B * H, CHUNK_LEN
+        x4, vc, lam = _chunk_inputs(r, w, k, v, a, b)
+        n_chunks, cd = x4.shape[0], x4.dtype
+        pairwise = _needs_pairwise(lam)
+        snaps = torch.empty(n_chunks, bh, N, N, dtype=cd, device=r.device)  # start state of each chunk
+        final = torch.empty(bh, N, N, dtype=cd, device=r.device)
+        if state is None:
+            snaps[0].zero_()
+        else:
+            snaps[0].copy_(state.reshape(bh, N, N))
+        y = torch.empty(n_chunks, bh, L, N, dtype=cd, device=r.device)
+        for c0, c1 in _segments(n_chunks, bh, N, pairwise):
+            seg = slice(c0, c1)
+            it = _Intra(_flat(x4[seg]), _flat(lam[seg]), pairwise)
+            vs = _flat(vc[seg])
+            # Each chunk's next state starts as its value part V^T u, written where it will live.
+            last = (c1 - c0 - 1) * bh
+            torch.bmm(vs[:last].mT, it.u[:last], out=_flat(snaps[c0 + 1 : c1]))
+            nxt_last = snaps[c1] if c1 < n_chunks else final
+            torch.bmm(vs[last:].mT, it.u[last:], out=nxt_last)
+            for c in range(c0, c1):
+                rows = slice((c - c0) * bh, (c - c0 + 1) * bh)
+                s, nxt = snaps[c], (snaps[c + 1] if c + 1 < n_chunks else final)
+                nxt.baddbmm_(torch.bmm(s, it.w1[rows].mT), it.b_end[rows]).addcmul_(s, it.e_chunk[rows])
+            torch.baddbmm(torch.bmm(it.qv, vs), it.rq, _flat(snaps[seg]).mT, out=_flat(y[seg]))
+        ctx.save_for_backward(r, w, k, v, a, b, snaps)
+        ctx.state_dtype = None if state is None else state.dtype
+        ctx.pairwise = pairwise
+        return _from_chunks(y, B, T, H, r.dtype), final.view(B, H, N, N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, ds_final):
+        r, w, k, v, a, b, snaps = ctx.saved_tensors
+        B, T, H, N = r.shape
+        bh, L = B * H, CHUNK_LEN
+        x4, vc, lam = _chunk_inputs(r, w, k, v, a, b)
+        n_chunks, cd = x4.shape[0], x4.dtype
+        dyc = _to_chunks([torch.zeros_like(r) if dy is None else dy], n_chunks, cd)
+        ds_end = torch.empty_like(snaps)  # gradient of the end state of each chunk
+        ds_init = torch.empty_like(snaps[0])
+        if ds_final is None:
+            ds_end[-1].zero_()
+        else:
+            ds_end[-1].copy_(ds_final.reshape(bh, N, N))
+        dx4, dv_all, dlam_all = torch.empty_like(x4), torch.empty_like(vc), torch.empty_like(lam)
+        for c0, c1 in reversed(_segments(n_chunks, bh, N, ctx.pairwise)):
+            seg = slice(c0, c1)
+            it = _Intra(_flat(x4[seg]), _flat(lam[seg]), ctx.pairwise)
+            dys = _flat(dyc[seg])
+            # Backward scan: the gradient of each chunk's end state, then of its start state. Each
+            # start-state gradient begins as dY^T rq, written where it will live.
+            torch.bmm(dys[:bh].mT, it.rq[:bh], out=ds_end[c0 - 1] if c0 > 0 else ds_init)
+            torch.bmm(dys[bh:].mT, it.rq[bh:], out=_flat(ds_end[c0 : c1 - 1]))
+            for c in reversed(range(c0, c1)):
+                rows = slice((c - c0) * bh, (c - c0 + 1) * bh)
+                ds, prev = ds_end[c], (ds_end[c - 1] if c > 0 else ds_init)
+                prev.baddbmm_(torch.bmm(ds, it.b_end[rows].mT), it.w1[rows]).addcmul_(ds, it.e_chunk[rows])
+            s0, dsl, vs = _flat(snaps[seg]), _flat(ds_end[seg]), _flat(vc[seg])
+            n = vs.shape[0]
+            v_sa = torch.empty(n, 2 * L, N, dtype=cd, device=r.device)  # [V; SA]
+            v_sa[:, :L] = vs
+            torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT, out=v_sa[:, L:])  # SA_t = S_{t-1} a_t
+            kb_dsl = torch.bmm(it.kb_end, dsl.mT)  # [Kend; Bend] dS_L^T
+            dsa = torch.baddbmm(kb_dsl[:, L:], it.q_br.mT, dys)
+            dzy = torch.empty(n, 2 * L, N, dtype=cd, device=r.device)  # [dZ; dY]
+            torch.bmm(it.p.mT, dsa, out=dzy[:, :L])  # adjoint of SA = Aw S0^T + M_ka V + M_ba SA
+            dzy[:, L:] = dys
+            dmall = torch.bmm(dzy, v_sa.mT).mul_(it.mask)  # [[dM_ka, dM_ba], [dQ_kr, dQ_br]]
+            torch.baddbmm(kb_dsl[:, :L], it.mall[:, :, :L].mT, dzy, out=_flat(dv_all[seg]))
+            # Gradients of the products [Aw, Rw] (they read S0), [Kend, Bend] (they write S_L) and,
+            # in the factored form, of the factors of the intra-chunk matrices.
+            dprod = torch.empty_like(it.prod)
+            torch.bmm(dzy, s0, out=dprod[:, : 2 * L])
+            torch.bmm(v_sa, dsl, out=dprod[:, 2 * L : 4 * L])
+            d_echunk = (s0 * dsl).sum(-2, keepdim=True)
+            dlam = it.backward(dprod, dmall, d_echunk, dx4_out=_flat(dx4[seg]))
+            torch.mul(dlam, it.lam, out=_flat(dlam_all[seg]))  # lam = -exp(w): dlam/dw = lam
+
+        parts = dx4.view(n_chunks, bh, 4, L, N)
+        da, dr, dk, db = (_from_chunks(parts[:, :, i], B, T, H, x.dtype) for i, x in enumerate((a, r, k, b)))
+        dv = _from_chunks(dv_all, B, T, H, v.dtype)
+        dw = _from_chunks(dlam_all, B, T, H, w.dtype)
+        d_state = None if ctx.state_dtype is None else ds_init.view(B, H, N, N).to(ctx.state_dtype)
+        return dr, dw, dk, dv, da, db, d_state
+
+
+def wkv7_torch(r, w, k, v, a, b, state=None):
+    """WKV-7 over a sequence (chunked, differentiable). Same contract as `rwkvslice.ops.wkv7`.
+
+    Computes in fp64 for fp64 inputs, otherwise in fp32. Returns y in r's dtype and the final state
+    (B, H, N, N) in the compute dtype (fp32, or fp64 for fp64 inputs).
+    """
+    B, T, H, N = r.shape
+    if T == 0:
+        cd = _compute_dtype(r)
+        s = torch.zeros(B, H, N, N, dtype=cd, device=r.device) if state is None else state.to(cd) + 0
+        return r.new_zeros(B, 0, H, N), s
+    return _WKV7Chunked.apply(r, w, k, v, a, b, state)
