@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,8 +125,9 @@ def main() -> None:
 
     gen = bench_generation(args)
     wkv = bench_wkv(args)
-    import rwkv  # noqa: F401  (version below)
     from importlib.metadata import version
+
+    import rwkv  # noqa: F401  (version below)
 
     g_ours, g_ref = statistics.median(gen["ours"]), statistics.median(gen["rwkv"])
     t_ref = statistics.median(wkv["reference"]["times"])

@@ -59,6 +59,13 @@ class RWKV7Config:
         return self.n_embd // self.head_size
 
     @property
+    def lora_ranks(self) -> tuple[int, int, int, int]:
+        """(d_decay, d_aaa, d_mv, d_gate), all filled in by __post_init__."""
+        ranks = (self.d_decay, self.d_aaa, self.d_mv, self.d_gate)
+        assert all(isinstance(r, int) for r in ranks)
+        return ranks  # type: ignore[return-value]
+
+    @property
     def dim_ffn(self) -> int:
         return 4 * self.n_embd  # hard-coded 4C in the official x070 ChannelMix
 

@@ -102,10 +102,13 @@ def load_official(path, cls):
         sd.pop(key, None)
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise CheckpointError(f"{path}: missing key '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing key '{missing[0]}'{more}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected key '{unexpected[0]}' (not an x070 checkpoint, or an unsupported variant)")
+        raise CheckpointError(
+            f"{path}: unexpected key '{unexpected[0]}' (not an x070 checkpoint, or an unsupported variant)"
+        )
     converted = {}
     for key, ref in expected.items():
         t = sd[key]

@@ -81,6 +81,7 @@ class TimeMix(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         C, H, N = config.n_embd, config.n_head, config.head_size
+        d_decay, d_aaa, d_mv, d_gate = config.lora_ranks
         self.n_head, self.head_size = H, N
         self.x_r = nn.Parameter(torch.empty(1, 1, C))
         self.x_w = nn.Parameter(torch.empty(1, 1, C))
@@ -89,17 +90,17 @@ class TimeMix(nn.Module):
         self.x_a = nn.Parameter(torch.empty(1, 1, C))
         self.x_g = nn.Parameter(torch.empty(1, 1, C))
         self.w0 = nn.Parameter(torch.empty(1, 1, C))
-        self.w1 = nn.Parameter(torch.empty(C, config.d_decay))
-        self.w2 = nn.Parameter(torch.empty(config.d_decay, C))
+        self.w1 = nn.Parameter(torch.empty(C, d_decay))
+        self.w2 = nn.Parameter(torch.empty(d_decay, C))
         self.a0 = nn.Parameter(torch.empty(1, 1, C))
-        self.a1 = nn.Parameter(torch.empty(C, config.d_aaa))
-        self.a2 = nn.Parameter(torch.empty(config.d_aaa, C))
+        self.a1 = nn.Parameter(torch.empty(C, d_aaa))
+        self.a2 = nn.Parameter(torch.empty(d_aaa, C))
         if layer_id > 0:  # layer 0 *defines* v_first, so it has no value-residual LoRA
             self.v0 = nn.Parameter(torch.empty(1, 1, C))
-            self.v1 = nn.Parameter(torch.empty(C, config.d_mv))
-            self.v2 = nn.Parameter(torch.empty(config.d_mv, C))
-        self.g1 = nn.Parameter(torch.empty(C, config.d_gate))
-        self.g2 = nn.Parameter(torch.empty(config.d_gate, C))
+            self.v1 = nn.Parameter(torch.empty(C, d_mv))
+            self.v2 = nn.Parameter(torch.empty(d_mv, C))
+        self.g1 = nn.Parameter(torch.empty(C, d_gate))
+        self.g2 = nn.Parameter(torch.empty(d_gate, C))
         self.k_k = nn.Parameter(torch.empty(1, 1, C))
         self.k_a = nn.Parameter(torch.empty(1, 1, C))
         self.r_k = nn.Parameter(torch.empty(H, N))
@@ -172,6 +173,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(C)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
+
+    def forward(self, x, v_first, s_att=None, s_wkv=None, s_ffn=None, backend="auto"):
+        if hasattr(self, "ln0"):
+            x = self.ln0(x)
+        dx, v_first, s_att, s_wkv = self.att(self.ln1(x), v_first, s_att, s_wkv, backend)
+        x = x + dx
+        dx, s_ffn = self.ffn(self.ln2(x), s_ffn)
+        return x + dx, v_first, s_att, s_wkv, s_ffn
 
 
 class RWKV7(nn.Module):
@@ -258,14 +267,9 @@ class RWKV7(nn.Module):
         v_first = None
         att_shift, wkv_states, ffn_shift = [], [], []
         for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
             s_att, s_wkv, s_ffn = (None, None, None) if state is None else (
                 state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            dx, v_first, s_att, s_wkv = block.att(block.ln1(x), v_first, s_att, s_wkv, backend)
-            x = x + dx
-            dx, s_ffn = block.ffn(block.ln2(x), s_ffn)
-            x = x + dx
+            x, v_first, s_att, s_wkv, s_ffn = block(x, v_first, s_att, s_wkv, s_ffn, backend)
             att_shift.append(s_att)
             wkv_states.append(s_wkv)
             ffn_shift.append(s_ffn)
