@@ -150,14 +150,14 @@ def test_many_segments_match_reference(monkeypatch):
 
 def test_model_decays_use_the_factored_form_and_extreme_ones_the_pairwise_form():
     model_w = make_inputs(1, 64, 1, 8)[0][1]
-    assert not wkv7_torch_module._needs_pairwise(-model_w.exp())
-    assert not wkv7_torch_module._needs_pairwise(-torch.ones(1, 16, 8).exp())  # w = 1: exponents <= 22
-    assert wkv7_torch_module._needs_pairwise(-torch.full((1, 16, 8), 4.0).exp())
+    assert not wkv7_torch_module._needs_pairwise(model_w)
+    assert not wkv7_torch_module._needs_pairwise(torch.ones(1, 16, 1, 8))  # w = 1: exponents <= 22
+    assert wkv7_torch_module._needs_pairwise(torch.full((1, 16, 1, 8), 4.0))
 
 
 @pytest.mark.parametrize("segment_elems", [None, 1])
 def test_pairwise_form_matches_reference_on_model_decays(monkeypatch, segment_elems):
-    monkeypatch.setattr(wkv7_torch_module, "_needs_pairwise", lambda lam: True)
+    monkeypatch.setattr(wkv7_torch_module, "_needs_pairwise", lambda w: True)
     if segment_elems is not None:
         monkeypatch.setattr(wkv7_torch_module, "_SEGMENT_ELEMS", segment_elems)
     inputs, state, upstream = make_inputs(3, 37, 2, 8, seed=6)
@@ -193,7 +193,7 @@ def test_extreme_decays_stay_finite():
 def test_gradcheck_fp64(monkeypatch, T, pairwise):
     """T = 19 and 17 span two chunks, the last one partial; T = 5 is a single partial chunk."""
     if pairwise:
-        monkeypatch.setattr(wkv7_torch_module, "_needs_pairwise", lambda lam: True)
+        monkeypatch.setattr(wkv7_torch_module, "_needs_pairwise", lambda w: True)
     inputs, state, _ = make_inputs(2 if T != 17 else 1, T, 1, 3, seed=T, dtype=torch.float64)
     args = [x.requires_grad_() for x in inputs] + [state.requires_grad_()]
     assert torch.autograd.gradcheck(wkv7_torch, args, eps=1e-6, atol=1e-7, rtol=1e-5)

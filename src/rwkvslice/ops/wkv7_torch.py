@@ -33,6 +33,8 @@ temporaries stay bounded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -56,12 +58,13 @@ def _chunk_view(buf: torch.Tensor, B: int, H: int) -> torch.Tensor:
 
 
 def _to_chunks(xs, n_chunks: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T, H, N) tensors -> one (n_chunks, B*H, len(xs)*L, N) buffer, zero-padded at the end."""
+    """(B, t, H, N) tensors with (n_chunks - 1) * L < t <= n_chunks * L -> one buffer
+    (n_chunks, B*H, len(xs)*L, N), the last chunk zero-padded."""
     B, T, H, N = xs[0].shape
     L = CHUNK_LEN
     buf = torch.empty(n_chunks, B * H, len(xs) * L, N, dtype=dtype, device=xs[0].device)
     parts = buf.view(n_chunks, B * H, len(xs), L, N)
-    full, tail = T // L, T % L
+    full, tail = divmod(T, L)
     for i, x in enumerate(xs):
         dst = _chunk_view(parts[:, :, i], B, H)
         dst[:, :full].copy_(x[:, : full * L].reshape(B, full, L, H, N))
@@ -71,12 +74,15 @@ def _to_chunks(xs, n_chunks: int, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def _from_chunks(buf: torch.Tensor, B: int, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n_chunks, B*H, L, N) -> (B, T, H, N) in `dtype`."""
-    n_chunks, _, L, N = buf.shape
-    out = torch.empty(B, n_chunks * L, H, N, dtype=dtype, device=buf.device)
-    out.view(B, n_chunks, L, H, N).copy_(_chunk_view(buf, B, H))
-    return out[:, :T].contiguous()
+def _from_chunks(buf: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy a (n_chunks, B*H, L, N) buffer into `out` (B, t, H, N), t <= n_chunks * L (casting dtype)."""
+    B, T, H, N = out.shape
+    L = CHUNK_LEN
+    src = _chunk_view(buf, B, H)
+    full, tail = divmod(T, L)
+    out[:, : full * L].view(B, full, L, H, N).copy_(src[:, :full])
+    if tail:
+        out[:, full * L :].copy_(src[:, full, :tail])
 
 
 _CONSTS: dict = {}
@@ -104,13 +110,13 @@ def _consts(dtype: torch.dtype, device: torch.device):
     return _CONSTS[key]
 
 
-def _needs_pairwise(lam: torch.Tensor) -> bool:
+def _needs_pairwise(w: torch.Tensor) -> bool:
     """True when the factored form could leave the safe exponent range (decays far below the model's)."""
-    if lam.numel() == 0:
+    if w.numel() == 0:
         return False
-    # Half a chunk of the strongest decay bounds every exponent of the factored form.
-    worst = float(-lam.min()) * (CHUNK_LEN // 2)
-    return worst > _FACTORED_EXP_LIMIT[lam.dtype]
+    # Half a chunk of the strongest decay (|lam| = exp(w)) bounds every exponent of the factored form.
+    worst = math.exp(float(w.max())) * (CHUNK_LEN // 2)
+    return worst > _FACTORED_EXP_LIMIT[_compute_dtype(w)]
 
 
 class _Intra:
@@ -229,103 +235,103 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-def _chunk_inputs(r, w, k, v, a, b):
-    B, T, H, N = r.shape
+def _segment_inputs(r, w, k, v, a, b, c0: int, c1: int):
+    """The chunks c0..c1-1 of the inputs: x4 = [a; r; k; b] (n, 4L, N), v (n, L, N) and lam (n, L, N)."""
     cd = _compute_dtype(r)
-    n_chunks = -(-T // CHUNK_LEN)
-    lam = _to_chunks([-w.to(cd).exp()], n_chunks, cd)  # zero padding = decay 1: the state is kept
-    return _to_chunks([a, r, k, b], n_chunks, cd), _to_chunks([v], n_chunks, cd), lam
+    t = slice(c0 * CHUNK_LEN, c1 * CHUNK_LEN)
+    lam = _to_chunks([-w[:, t].to(cd).exp()], c1 - c0, cd)  # zero padding = decay 1: the state is kept
+    x4 = _to_chunks([a[:, t], r[:, t], k[:, t], b[:, t]], c1 - c0, cd)
+    return _flat(x4), _flat(_to_chunks([v[:, t]], c1 - c0, cd)), _flat(lam)
 
 
 class _WKV7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state):
         B, T, H, N = r.shape
-        bh, L = B * H, CHUNK_LEN
-        x4, vc, lam = _chunk_inputs(r, w, k, v, a, b)
-        n_chunks, cd = x4.shape[0], x4.dtype
-        pairwise = _needs_pairwise(lam)
+        bh, L, cd = B * H, CHUNK_LEN, _compute_dtype(r)
+        n_chunks = -(-T // L)
+        pairwise = _needs_pairwise(w)
         snaps = torch.empty(n_chunks, bh, N, N, dtype=cd, device=r.device)  # start state of each chunk
         final = torch.empty(bh, N, N, dtype=cd, device=r.device)
         if state is None:
             snaps[0].zero_()
         else:
             snaps[0].copy_(state.reshape(bh, N, N))
-        y = torch.empty(n_chunks, bh, L, N, dtype=cd, device=r.device)
+        y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
         for c0, c1 in _segments(n_chunks, bh, N, pairwise):
-            seg = slice(c0, c1)
-            it = _Intra(_flat(x4[seg]), _flat(lam[seg]), pairwise)
-            vs = _flat(vc[seg])
+            x4, vs, lam = _segment_inputs(r, w, k, v, a, b, c0, c1)
+            it = _Intra(x4, lam, pairwise)
             # Each chunk's next state starts as its value part V^T u, written where it will live.
             last = (c1 - c0 - 1) * bh
             torch.bmm(vs[:last].mT, it.u[:last], out=_flat(snaps[c0 + 1 : c1]))
-            nxt_last = snaps[c1] if c1 < n_chunks else final
-            torch.bmm(vs[last:].mT, it.u[last:], out=nxt_last)
+            torch.bmm(vs[last:].mT, it.u[last:], out=snaps[c1] if c1 < n_chunks else final)
             for c in range(c0, c1):
                 rows = slice((c - c0) * bh, (c - c0 + 1) * bh)
                 s, nxt = snaps[c], (snaps[c + 1] if c + 1 < n_chunks else final)
                 nxt.baddbmm_(torch.bmm(s, it.w1[rows].mT), it.b_end[rows]).addcmul_(s, it.e_chunk[rows])
-            torch.baddbmm(torch.bmm(it.qv, vs), it.rq, _flat(snaps[seg]).mT, out=_flat(y[seg]))
+            y_seg = torch.baddbmm(torch.bmm(it.qv, vs), it.rq, _flat(snaps[c0:c1]).mT)
+            _from_chunks(y_seg.view(c1 - c0, bh, L, N), y[:, c0 * L : c1 * L])
         ctx.save_for_backward(r, w, k, v, a, b, snaps)
         ctx.state_dtype = None if state is None else state.dtype
         ctx.pairwise = pairwise
-        return _from_chunks(y, B, T, H, r.dtype), final.view(B, H, N, N)
+        return y, final.view(B, H, N, N)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, ds_final):
         r, w, k, v, a, b, snaps = ctx.saved_tensors
         B, T, H, N = r.shape
-        bh, L = B * H, CHUNK_LEN
-        x4, vc, lam = _chunk_inputs(r, w, k, v, a, b)
-        n_chunks, cd = x4.shape[0], x4.dtype
-        dyc = _to_chunks([torch.zeros_like(r) if dy is None else dy], n_chunks, cd)
-        ds_end = torch.empty_like(snaps)  # gradient of the end state of each chunk
-        ds_init = torch.empty_like(snaps[0])
-        if ds_final is None:
-            ds_end[-1].zero_()
-        else:
-            ds_end[-1].copy_(ds_final.reshape(bh, N, N))
-        dx4, dv_all, dlam_all = torch.empty_like(x4), torch.empty_like(vc), torch.empty_like(lam)
+        bh, L, cd = B * H, CHUNK_LEN, snaps.dtype
+        n_chunks = snaps.shape[0]
+        dy = torch.zeros_like(r) if dy is None else dy
+        # ds: the gradient of the state at the current chunk boundary, carried backwards.
+        ds = torch.zeros(bh, N, N, dtype=cd, device=r.device)
+        if ds_final is not None:
+            ds.copy_(ds_final.reshape(bh, N, N))
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (a, r, k, b, v, w)]
         for c0, c1 in reversed(_segments(n_chunks, bh, N, ctx.pairwise)):
-            seg = slice(c0, c1)
-            it = _Intra(_flat(x4[seg]), _flat(lam[seg]), ctx.pairwise)
-            dys = _flat(dyc[seg])
-            # Backward scan: the gradient of each chunk's end state, then of its start state. Each
-            # start-state gradient begins as dY^T rq, written where it will live.
-            torch.bmm(dys[:bh].mT, it.rq[:bh], out=ds_end[c0 - 1] if c0 > 0 else ds_init)
-            torch.bmm(dys[bh:].mT, it.rq[bh:], out=_flat(ds_end[c0 : c1 - 1]))
-            for c in reversed(range(c0, c1)):
-                rows = slice((c - c0) * bh, (c - c0 + 1) * bh)
-                ds, prev = ds_end[c], (ds_end[c - 1] if c > 0 else ds_init)
-                prev.baddbmm_(torch.bmm(ds, it.b_end[rows].mT), it.w1[rows]).addcmul_(ds, it.e_chunk[rows])
-            s0, dsl, vs = _flat(snaps[seg]), _flat(ds_end[seg]), _flat(vc[seg])
-            n = vs.shape[0]
-            v_sa = torch.empty(n, 2 * L, N, dtype=cd, device=r.device)  # [V; SA]
+            n_seg, t = c1 - c0, slice(c0 * L, c1 * L)
+            x4, vs, lam = _segment_inputs(r, w, k, v, a, b, c0, c1)
+            it = _Intra(x4, lam, ctx.pairwise)
+            dys = _flat(_to_chunks([dy[:, t]], n_seg, cd))
+            # Backward scan: ds_end[i] is the gradient of chunk c0+i's end state; each start-state
+            # gradient begins as dY^T rq, written where it will live.
+            ds_end = torch.empty(n_seg, bh, N, N, dtype=cd, device=r.device)
+            ds_end[-1] = ds
+            torch.bmm(dys[bh:].mT, it.rq[bh:], out=_flat(ds_end[:-1]))
+            torch.bmm(dys[:bh].mT, it.rq[:bh], out=ds)
+            for i in reversed(range(n_seg)):
+                rows = slice(i * bh, (i + 1) * bh)
+                prev = ds_end[i - 1] if i > 0 else ds
+                prev.baddbmm_(torch.bmm(ds_end[i], it.b_end[rows].mT), it.w1[rows])
+                prev.addcmul_(ds_end[i], it.e_chunk[rows])
+            s0, dsl = _flat(snaps[c0:c1]), _flat(ds_end)
+            v_sa = torch.empty(vs.shape[0], 2 * L, N, dtype=cd, device=r.device)  # [V; SA]
             v_sa[:, :L] = vs
             torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT, out=v_sa[:, L:])  # SA_t = S_{t-1} a_t
             kb_dsl = torch.bmm(it.kb_end, dsl.mT)  # [Kend; Bend] dS_L^T
             dsa = torch.baddbmm(kb_dsl[:, L:], it.q_br.mT, dys)
-            dzy = torch.empty(n, 2 * L, N, dtype=cd, device=r.device)  # [dZ; dY]
+            dzy = torch.empty_like(v_sa)  # [dZ; dY]
             torch.bmm(it.p.mT, dsa, out=dzy[:, :L])  # adjoint of SA = Aw S0^T + M_ka V + M_ba SA
             dzy[:, L:] = dys
             dmall = torch.bmm(dzy, v_sa.mT).mul_(it.mask)  # [[dM_ka, dM_ba], [dQ_kr, dQ_br]]
-            torch.baddbmm(kb_dsl[:, :L], it.mall[:, :, :L].mT, dzy, out=_flat(dv_all[seg]))
+            dv = torch.baddbmm(kb_dsl[:, :L], it.mall[:, :, :L].mT, dzy)
             # Gradients of the products [Aw, Rw] (they read S0), [Kend, Bend] (they write S_L) and,
             # in the factored form, of the factors of the intra-chunk matrices.
             dprod = torch.empty_like(it.prod)
             torch.bmm(dzy, s0, out=dprod[:, : 2 * L])
             torch.bmm(v_sa, dsl, out=dprod[:, 2 * L : 4 * L])
             d_echunk = (s0 * dsl).sum(-2, keepdim=True)
-            dlam = it.backward(dprod, dmall, d_echunk, dx4_out=_flat(dx4[seg]))
-            torch.mul(dlam, it.lam, out=_flat(dlam_all[seg]))  # lam = -exp(w): dlam/dw = lam
-
-        parts = dx4.view(n_chunks, bh, 4, L, N)
-        da, dr, dk, db = (_from_chunks(parts[:, :, i], B, T, H, x.dtype) for i, x in enumerate((a, r, k, b)))
-        dv = _from_chunks(dv_all, B, T, H, v.dtype)
-        dw = _from_chunks(dlam_all, B, T, H, w.dtype)
-        d_state = None if ctx.state_dtype is None else ds_init.view(B, H, N, N).to(ctx.state_dtype)
-        return dr, dw, dk, dv, da, db, d_state
+            dx4 = torch.empty_like(x4)
+            dlam = it.backward(dprod, dmall, d_echunk, dx4_out=dx4)
+            dx4 = dx4.view(n_seg, bh, 4, L, N)
+            for i in range(4):
+                _from_chunks(dx4[:, :, i], grads[i][:, t])
+            _from_chunks(dv.view(n_seg, bh, L, N), grads[4][:, t])
+            _from_chunks(dlam.mul_(lam).view(n_seg, bh, L, N), grads[5][:, t])  # lam = -exp(w): dlam/dw = lam
+        da, dr, dk, db, dv_out, dw_out = grads
+        d_state = None if ctx.state_dtype is None else ds.view(B, H, N, N).to(ctx.state_dtype)
+        return dr, dw_out, dk, dv_out, da, db, d_state
 
 
 def wkv7_torch(r, w, k, v, a, b, state=None):
