@@ -21,6 +21,9 @@ Method
   shared machine). Reported: medians over rounds x steps, with min-max spread.
 
 Usage: python benchmarks/bench_loss.py [--rounds 3] [--steps 2] [--out reports/bench-loss.md]
+While others edit the working tree, run a committed snapshot instead (what reports/bench-loss.md used):
+  git archive HEAD | tar -x -C /tmp/snap && cd /tmp/snap && RWKVSLICE_BENCH_COMMIT=$(git -C /work/main
+  rev-parse --short HEAD) PYTHONPATH=/tmp/snap/src python benchmarks/bench_loss.py --out /work/main/reports/...
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def worker(cfg: dict) -> dict:
         else:
             loss = sliced_cross_entropy(hidden(), head_weight, targets, impl=impl)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def drop_grads() -> None:
         for p in params:
@@ -230,7 +233,7 @@ def main() -> int:
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})",
         f"- python {platform.python_version()}, torch {torch.__version__}, torch threads per worker: "
         f"{args.threads or torch.get_num_threads()}",
-        f"- command: `python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`; code: {_code_version()}",
         f"- model (scope step): RWKV7 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, fp32; "
         f"B x T = {args.batch} x {args.ctx} = {args.batch * args.ctx} tokens, kept targets at random positions",
         "- scope head: the same head (V x C) and loss from (B, T, C) leaf hidden states, no model body",
@@ -300,6 +303,27 @@ def main() -> int:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _code_version() -> str:
+    """Which rwkvslice ran: the git commit of its source tree, or the path of a snapshot without .git."""
+    import rwkvslice
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(rwkvslice.__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", src, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return f"rwkvslice at git {commit}{' with uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return f"rwkvslice from {src} (a snapshot; see RWKVSLICE_BENCH_COMMIT below)" + (
+            f", commit {os.environ['RWKVSLICE_BENCH_COMMIT']}"
+            if "RWKVSLICE_BENCH_COMMIT" in os.environ
+            else ""
+        )
 
 
 def _cpu_name() -> str:
