@@ -319,11 +319,8 @@ def _code_version() -> str:
         ).stdout.strip()
         return f"rwkvslice at git {commit}{' with uncommitted changes' if dirty else ''}"
     except (OSError, subprocess.CalledProcessError):
-        return f"rwkvslice from {src} (a snapshot; see RWKVSLICE_BENCH_COMMIT below)" + (
-            f", commit {os.environ['RWKVSLICE_BENCH_COMMIT']}"
-            if "RWKVSLICE_BENCH_COMMIT" in os.environ
-            else ""
-        )
+        commit = os.environ.get("RWKVSLICE_BENCH_COMMIT", "unknown commit")
+        return f"rwkvslice snapshot of git {commit} in {src}"
 
 
 def _cpu_name() -> str:
