@@ -119,6 +119,7 @@ def test_fp32_matches_fp64_reference_at_model_head_size():
     )
 
 
+@pytest.mark.component("Backward Pass")
 @pytest.mark.parametrize("use_y,use_state", [(True, False), (False, True)])
 def test_gradients_when_only_one_output_is_used(use_y, use_state):
     """The backward receives None for the unused output; the other one's gradient must still be exact."""
@@ -189,6 +190,7 @@ def test_extreme_decays_stay_finite():
 # --- gradcheck (fp64) -----------------------------------------------------------------------------------
 
 
+@pytest.mark.component("Backward Pass")
 @pytest.mark.parametrize("T,pairwise", [(19, False), (5, False), (17, True)])
 def test_gradcheck_fp64(monkeypatch, T, pairwise):
     """T = 19 and 17 span two chunks, the last one partial; T = 5 is a single partial chunk."""
@@ -222,6 +224,7 @@ def test_state_carry_equals_one_long_run(t1, t2, batch, with_state):
     assert rel_err(s2, s_full) < FP32_REL
 
 
+@pytest.mark.component("Backward Pass")
 def test_gradients_flow_through_a_carried_state():
     """Two chained calls give the same gradients as one call: the final-state gradient of the first call
     is the initial-state gradient of the second."""
@@ -249,6 +252,7 @@ def test_empty_sequence_returns_a_copy_of_the_state():
 # --- dtypes, layouts, memory ----------------------------------------------------------------------------
 
 
+@pytest.mark.component("BFloat16")
 def test_bf16_inputs_give_bf16_y_and_fp32_state():
     inputs, state, upstream = make_inputs(2, 20, 2, 8, seed=12)
     bf16 = [x.bfloat16() for x in inputs]
@@ -282,6 +286,7 @@ def test_no_grad_gives_the_same_result():
     assert torch.equal(y.detach(), y_ng) and torch.equal(s.detach(), s_ng)
 
 
+@pytest.mark.component("Backward Pass")
 def test_backward_keeps_only_inputs_and_chunk_snapshots():
     """Memory-lean: autograd keeps the six inputs and one fp32 state per 16-step chunk, nothing per step."""
     B, T, H, N = 2, 70, 2, 16
