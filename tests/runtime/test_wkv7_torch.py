@@ -175,16 +175,29 @@ def test_strong_decays_w_up_to_1_stay_accurate():
     assert_close_to_reference(got, reference_fp64(inputs, state, upstream))
 
 
-def test_extreme_decays_stay_finite():
-    """w in [-8, 5]: decays down to exp(-148) (fp32 underflows to 0), handled by the pairwise form.
-    Everything stays finite; y, the states and all gradients but dw stay within 1e-5. dw only within 1e-3:
-    dw = dlam * lam with lam = -exp(w) up to -148 multiplies dlam's rounding error by |lam|."""
-    inputs, state, upstream = make_inputs(2, 50, 2, 16, seed=9, w_range=(-8.0, 5.0))
+@pytest.mark.parametrize("w_range", [(-8.0, 5.0), (-3.0, 6.0)])
+def test_extreme_decays_stay_accurate(w_range):
+    """Decays down to exp(-exp(6)) = exp(-403) (0 in fp32), handled by the pairwise form. dw is the
+    sensitive one: dw = dlam * lam with |lam| up to 403 magnifies any rounding residue in dlam."""
+    inputs, state, upstream = make_inputs(2, 50, 2, 16, seed=9, w_range=w_range)
+    got = run(wkv7_torch, inputs, state, upstream)
+    assert all(torch.isfinite(t).all() for t in got.values())
+    assert_close_to_reference(got, reference_fp64(inputs, state, upstream))
+
+
+def test_decays_of_exactly_zero_and_one_stay_finite():
+    """w = +-100: exp(w) overflows fp32 (decay exactly 0) or is 3.7e-44 (decay 1 to fp32 precision).
+    dw is ~1e-43 everywhere (0 where the decay is 0), below fp32's normal range, so it is compared in
+    absolute terms."""
+    inputs, state, upstream = make_inputs(2, 40, 2, 8, seed=10)
+    pick = torch.rand(inputs[1].shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    inputs[1] = torch.where(pick, 100.0, -100.0)
     got = run(wkv7_torch, inputs, state, upstream)
     assert all(torch.isfinite(t).all() for t in got.values())
     want = reference_fp64(inputs, state, upstream)
     assert_close_to_reference(got, want, skip=("w",))
-    assert rel_err(got["w"], want["w"]) < 1e-3
+    assert (got["w"].double() - want["w"]).abs().max() < 1e-40
+    assert torch.all(got["w"][pick] == 0)
 
 
 # --- gradcheck (fp64) -----------------------------------------------------------------------------------
@@ -284,6 +297,19 @@ def test_no_grad_gives_the_same_result():
         y_ng, s_ng = wkv7_torch(*inputs, state.float())
     assert not y_ng.requires_grad
     assert torch.equal(y.detach(), y_ng) and torch.equal(s.detach(), s_ng)
+
+
+@pytest.mark.component("BFloat16")
+def test_autocast_does_not_lower_the_internal_precision():
+    """Under CPU bf16 autocast (as in bf16 training) fp32 inputs still compute in fp32: same y, state and
+    gradients as without autocast."""
+    inputs, state, upstream = make_inputs(2, 30, 2, 8, seed=17)
+    want = run(wkv7_torch, inputs, state, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(wkv7_torch, inputs, state, upstream)
+    assert got["y"].dtype == torch.float32
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 @pytest.mark.component("Backward Pass")

@@ -22,13 +22,16 @@ matrices are formed in one of two ways:
 - "factored" (fast path): e^{Gx_t - Gi_s} = e^{Gx_t - c} e^{c - Gi_s}, c the cumulative log-decay at the
   chunk middle, so each factor is bounded by half a chunk of decay. Used only when that bound stays far
   from overflow, which always holds for the model's decays (>= exp(-exp(-0.5)) = 0.545).
-- "pairwise" (fallback for extreme decays): e^{sum of lam over s+1..t-1} per (t, s, channel), <= 1.
+- "pairwise" (fallback for extreme decays, w > ~1.6 in fp32): e^{sum of lam over s+1..t-1} per
+  (t, s, channel), <= 1; its gradient goes to exactly the steps s < u < t (no cancelling terms).
 
 Forward: a parallel pass over chunks computes the intra-chunk quantities, a sequential scan carries the
 state from chunk to chunk (one snapshot per chunk), and Y follows in parallel. Autograd keeps only the
 inputs and the snapshots. Backward recomputes the intra-chunk quantities, scans the state gradient
-backwards, then forms all gradients in parallel. Long inputs are processed in segments of chunks so the
-temporaries stay bounded.
+backwards, then forms all gradients in parallel. Inputs are converted and gradients written one segment
+of chunks at a time, so the temporaries stay bounded for long inputs.
+
+Autocast is disabled inside (fp32 compute regardless); y takes the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ _FACTORED_EXP_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
 # Bound on the elements of the largest per-segment temporary (bounds peak memory for long inputs).
 _SEGMENT_ELEMS = 1 << 19
 _MID = CHUNK_LEN // 2 - 1  # the reference step c of the factored form
+_LAM_MAX = 1e4  # bound on -log(decay); exp(-1e4) is 0 in fp32 and fp64 alike
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -115,7 +119,7 @@ def _needs_pairwise(w: torch.Tensor) -> bool:
     if w.numel() == 0:
         return False
     # Half a chunk of the strongest decay (|lam| = exp(w)) bounds every exponent of the factored form.
-    worst = math.exp(float(w.max())) * (CHUNK_LEN // 2)
+    worst = math.exp(min(float(w.max()), 80.0)) * (CHUNK_LEN // 2)
     return worst > _FACTORED_EXP_LIMIT[_compute_dtype(w)]
 
 
@@ -191,16 +195,14 @@ class _Intra:
         dexpo = self.prod.mul_(dprod)  # gradient of each exponent row (prod is not needed any more)
         dx = dprod.mul_(self.e)
         if self.pairwise:
-            dx4_pair, dgx, dgi, dlam_direct = self._pairwise_backward(dmall)
+            dx4_pair, dlam_pair = self._pairwise_backward(dmall)
             torch.add(dx, dx4_pair, out=dx4_out)
-            dexpo[:, :L] += dgx
-            dexpo[:, L : 2 * L] += dgi
         else:
             torch.add(dx[:, : 4 * L], dx[:, 4 * L :], out=dx4_out)
         dlam = torch.matmul(self.expo_mat.mT, dexpo)
         dlam += d_echunk * self.e_chunk  # e^{G_L} with G_L = sum of all lam
         if self.pairwise:
-            dlam += dlam_direct
+            dlam += dlam_pair
         return dlam
 
     def _pairwise_backward(self, dmall: torch.Tensor):
@@ -217,12 +219,17 @@ class _Intra:
         drd = (e * (d_kr * k_s + d_br * b_s)).sum(2)
         dk = (e * (d_ka * a_t + d_kr * rd_t)).sum(1)
         db = (e * (d_ba * a_t + d_br * rd_t)).sum(1)
-        dgx = a * da + self.rdec * drd  # the pair exponent is Gx_t - Gi_s
-        dgi = -(k * dk + b * db)
+        # The pair (t, s) exponent is the sum of lam_u over s < u < t. Its gradient is added to exactly
+        # those u (prefix sums over s, then a masked sum over t), not as +Gx_t / -Gi_s terms that cancel:
+        # a cancellation residue would be multiplied by |lam|, which is large on this path.
+        grad_pair = e * (a_t * (d_ka * k_s + d_ba * b_s) + rd_t * (d_kr * k_s + d_br * b_s))
+        before_u = F.pad(grad_pair.cumsum(2)[:, :, :-1], (0, 0, 1, 0))  # [t, u]: sum over s < u
+        strict = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)  # t > u
+        dlam = (before_u * strict[:, :, None]).sum(1) + drd * self.rdec  # rdec = r_t e^{lam_t}
         dr = drd * self.lam.exp() + diag_kr * k + diag_br * b
         dk = dk + diag_kr * r
         db = db + diag_br * r
-        return torch.cat([da, dr, dk, db], 1), dgx, dgi, drd * self.rdec
+        return torch.cat([da, dr, dk, db], 1), dlam
 
 
 def _segments(n_chunks: int, bh: int, N: int, pairwise: bool):
@@ -239,14 +246,29 @@ def _segment_inputs(r, w, k, v, a, b, c0: int, c1: int):
     """The chunks c0..c1-1 of the inputs: x4 = [a; r; k; b] (n, 4L, N), v (n, L, N) and lam (n, L, N)."""
     cd = _compute_dtype(r)
     t = slice(c0 * CHUNK_LEN, c1 * CHUNK_LEN)
-    lam = _to_chunks([-w[:, t].to(cd).exp()], c1 - c0, cd)  # zero padding = decay 1: the state is kept
+    # The clamp keeps exp(w) finite (decay exp(-1e4) is 0 anyway); zero padding = decay 1 keeps the state.
+    lam = _to_chunks([-w[:, t].to(cd).exp().clamp_(max=_LAM_MAX)], c1 - c0, cd)
     x4 = _to_chunks([a[:, t], r[:, t], k[:, t], b[:, t]], c1 - c0, cd)
     return _flat(x4), _flat(_to_chunks([v[:, t]], c1 - c0, cd)), _flat(lam)
 
 
 class _WKV7Chunked(torch.autograd.Function):
+    # Autocast is switched off inside: it would run the matmuls in bf16/fp16 (losing the fp32 accuracy)
+    # and clash with the fp32 out= buffers. The inputs' own dtype still decides y's dtype.
+
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state):
+        with torch.autocast(r.device.type, enabled=False):
+            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, ds_final):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _WKV7Chunked._backward(ctx, dy, ds_final)
+
+    @staticmethod
+    def _forward(ctx, r, w, k, v, a, b, state):
         B, T, H, N = r.shape
         bh, L, cd = B * H, CHUNK_LEN, _compute_dtype(r)
         n_chunks = -(-T // L)
@@ -274,11 +296,11 @@ class _WKV7Chunked(torch.autograd.Function):
         ctx.save_for_backward(r, w, k, v, a, b, snaps)
         ctx.state_dtype = None if state is None else state.dtype
         ctx.pairwise = pairwise
+        ctx.device_type = r.device.type
         return y, final.view(B, H, N, N)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, ds_final):
+    def _backward(ctx, dy, ds_final):
         r, w, k, v, a, b, snaps = ctx.saved_tensors
         B, T, H, N = r.shape
         bh, L, cd = B * H, CHUNK_LEN, snaps.dtype
