@@ -46,7 +46,7 @@ CHUNK_LEN = 16
 # Largest exponent allowed in the factored form: e^40 ~ 2e17 keeps fp32 products far from overflow.
 _FACTORED_EXP_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
 # Bound on the elements of the largest per-segment temporary (bounds peak memory for long inputs).
-_SEGMENT_ELEMS = 1 << 19
+_SEGMENT_ELEMS = 1 << 20
 _MID = CHUNK_LEN // 2 - 1  # the reference step c of the factored form
 _LAM_MAX = 1e4  # bound on -log(decay); exp(-1e4) is 0 in fp32 and fp64 alike
 
@@ -328,9 +328,8 @@ class _WKV7Chunked(torch.autograd.Function):
                 prev.baddbmm_(torch.bmm(ds_end[i], it.b_end[rows].mT), it.w1[rows])
                 prev.addcmul_(ds_end[i], it.e_chunk[rows])
             s0, dsl = _flat(snaps[c0:c1]), _flat(ds_end)
-            v_sa = torch.empty(vs.shape[0], 2 * L, N, dtype=cd, device=r.device)  # [V; SA]
-            v_sa[:, :L] = vs
-            torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT, out=v_sa[:, L:])  # SA_t = S_{t-1} a_t
+            sa = torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT)  # SA_t = S_{t-1} a_t
+            v_sa = torch.cat([vs, sa], 1)
             kb_dsl = torch.bmm(it.kb_end, dsl.mT)  # [Kend; Bend] dS_L^T
             dsa = torch.baddbmm(kb_dsl[:, L:], it.q_br.mT, dys)
             dzy = torch.empty_like(v_sa)  # [dZ; dY]
