@@ -78,7 +78,9 @@ def bench_generation(args) -> dict:
 WKV_CHILD = r"""
 import json, resource, statistics, sys, time, torch
 from rwkvslice.ops import wkv7
-backend, B, T, H, N, rounds = sys.argv[1], *map(int, sys.argv[2:7])
+backend, B, T, H, N, rounds, threads = sys.argv[1], *map(int, sys.argv[2:8])
+if threads:
+    torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
 def inputs():
     r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
@@ -113,7 +115,7 @@ def bench_wkv(args) -> dict:
     for backend in ("reference", "torch"):
         rounds = 3 if backend == "reference" else 7
         proc = subprocess.run(
-            [sys.executable, "-c", WKV_CHILD, backend, "4", "512", "4", "64", str(rounds)],
+            [sys.executable, "-c", WKV_CHILD, backend, "4", "512", "4", "64", str(rounds), str(args.threads)],
             capture_output=True, text=True, check=True,
         )
         out[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,8 +129,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench-model.md"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gen = bench_generation(args)
     wkv = bench_wkv(args)
