@@ -167,3 +167,21 @@ def test_pretrained_round_trip(model, tmp_path):
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     assert not list(tmp_path.joinpath("ckpt").glob("*.tmp"))  # no temporary files left behind
+
+
+def test_rnn_step_head_cache_follows_weight_updates():
+    """model.step reads a cached transposed head under no_grad; it must never serve stale weights."""
+    torch.manual_seed(6)
+    m = randomized(RWKV7(RWKV7Config(vocab_size=40, n_embd=32, n_layer=1, head_size=16))).eval()
+    tok = torch.tensor([3, 7])
+    with torch.no_grad():
+        before, _ = m.step(tok, m.init_state(2))
+        m.head.weight.mul_(2.0)  # in-place update (what an optimizer does)
+        after, _ = m.step(tok, m.init_state(2))
+        expected = m(tok.view(2, 1))[:, 0]
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+    # with gradients enabled, step stays differentiable through the head
+    logits, _ = m.step(tok, m.init_state(2))
+    logits.sum().backward()
+    assert m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0
