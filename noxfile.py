@@ -47,8 +47,15 @@ STATUS_DIR = ARTIFACTS / "status"
 nox.options.report = str(ARTIFACTS / "nox-report.json")
 
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
-# coverage>=7.13 ships the .pth that measures subprocesses; pytest-xdist runs the CPU layers in parallel
-TEST_DEPS = [*nox.project.dependency_groups(PYPROJECT, "test"), "coverage>=7.13", "pytest-xdist>=3.5"]
+# coverage>=7.13 ships the .pth that measures subprocesses; pytest-xdist runs the CPU layers in parallel;
+# setuptools: torch.utils.cpp_extension imports it (torch < 2.8 does not depend on it on Python 3.11, and
+# uv venvs, unlike `python -m venv` on 3.11, start without it).
+TEST_DEPS = [
+    *nox.project.dependency_groups(PYPROJECT, "test"),
+    "coverage>=7.13",
+    "pytest-xdist>=3.5",
+    "setuptools",
+]
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 
 # The torch every CPU session installs (a local CPU wheel on the project's machines).
