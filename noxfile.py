@@ -48,7 +48,7 @@ nox.options.report = str(ARTIFACTS / "nox-report.json")
 
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 # coverage>=7.13 ships the .pth that measures subprocesses; pytest-xdist runs the CPU layers in parallel;
-# setuptools: torch.utils.cpp_extension imports it (torch < 2.8 does not depend on it on Python 3.11, and
+# setuptools: torch.utils.cpp_extension imports it (torch 2.5 requires it only on Python >= 3.12, and
 # uv venvs, unlike `python -m venv` on 3.11, start without it).
 TEST_DEPS = [
     *nox.project.dependency_groups(PYPROJECT, "test"),
