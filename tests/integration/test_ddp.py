@@ -170,5 +170,11 @@ def test_cli_under_torchrun_env_matches_single_process(tmp_path):
     assert run["world_size"] == 2
     a = load_file(str(ddp_out / "checkpoints" / "step-00000003" / "model.safetensors"))
     b = load_file(str(single_out / "checkpoints" / "step-00000003" / "model.safetensors"))
+    # Per tensor, norm-relative: Adam divides each gradient by its running RMS, so an element whose
+    # gradient is at float-noise level (e.g. att.key right after the zero-initialised att.output starts to
+    # move) can take a +-lr step on one side and not the other when the all-reduce sums in another order.
+    # Such elements are few; a real normalisation bug (a factor of world_size, a wrong num_items) moves
+    # every element by O(lr) and fails this by orders of magnitude.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+        err = ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)).item()
+        assert err < 1e-3, (k, err)
