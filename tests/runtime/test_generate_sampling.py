@@ -17,13 +17,13 @@ def logits_of(p):
     return torch.tensor([[math.log(x) for x in p]], dtype=torch.float32)
 
 
-def close(got, expected):
+def assert_probs(got, expected):
     # fp32 softmax of log-probabilities: a few ulps
     torch.testing.assert_close(got[0].double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-7)
 
 
 def test_plain_softmax():
-    close(sampling_probs(logits_of(P)), P)
+    assert_probs(sampling_probs(logits_of(P)), P)
 
 
 @pytest.mark.parametrize("top_p, expected", [
@@ -33,18 +33,18 @@ def test_plain_softmax():
     (1.0, P),
 ])
 def test_top_p(top_p, expected):
-    close(sampling_probs(logits_of(P), top_p=top_p), expected)
+    assert_probs(sampling_probs(logits_of(P), top_p=top_p), expected)
 
 
 def test_top_p_keeps_tokens_tied_at_the_cutoff():
     probs = sampling_probs(torch.tensor([[1.0, 1.0, 0.0]]), top_p=0.3)
-    close(probs, [0.5, 0.5, 0.0])
+    assert_probs(probs, [0.5, 0.5, 0.0])
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature(temperature):
     scaled = [x ** (1 / temperature) for x in P]  # softmax(log p / T) = p^(1/T) / sum
-    close(sampling_probs(logits_of(P), temperature=temperature), [x / sum(scaled) for x in scaled])
+    assert_probs(sampling_probs(logits_of(P), temperature=temperature), [x / sum(scaled) for x in scaled])
 
 
 def test_temperature_is_applied_before_top_p():
@@ -52,19 +52,19 @@ def test_temperature_is_applied_before_top_p():
     tempered = [x / sum(scaled) for x in scaled]  # [0.379, 0.294, 0.208, 0.120]
     assert tempered[0] < 0.6 <= tempered[0] + tempered[1]
     kept = tempered[0] + tempered[1]
-    close(sampling_probs(logits_of(P), temperature=2.0, top_p=0.6), [tempered[0] / kept, tempered[1] / kept, 0, 0])
+    assert_probs(sampling_probs(logits_of(P), temperature=2.0, top_p=0.6), [tempered[0] / kept, tempered[1] / kept, 0, 0])
 
 
 def test_top_k():
-    close(sampling_probs(logits_of(P), top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
-    close(sampling_probs(logits_of(P), top_k=10), P)  # k >= V: no-op
+    assert_probs(sampling_probs(logits_of(P), top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+    assert_probs(sampling_probs(logits_of(P), top_k=10), P)  # k >= V: no-op
 
 
 def test_rows_are_independent():
     logits = torch.cat([logits_of(P), logits_of([0.05, 0.15, 0.3, 0.5])])
     probs = sampling_probs(logits, top_p=0.6)
-    close(probs[:1], [0.625, 0.375, 0.0, 0.0])
-    close(probs[1:], [0.0, 0.0, 0.375, 0.625])
+    assert_probs(probs[:1], [0.625, 0.375, 0.0, 0.0])
+    assert_probs(probs[1:], [0.0, 0.0, 0.375, 0.625])
 
 
 def test_greedy():
