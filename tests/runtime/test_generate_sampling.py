@@ -52,7 +52,8 @@ def test_temperature_is_applied_before_top_p():
     tempered = [x / sum(scaled) for x in scaled]  # [0.379, 0.294, 0.208, 0.120]
     assert tempered[0] < 0.6 <= tempered[0] + tempered[1]
     kept = tempered[0] + tempered[1]
-    assert_probs(sampling_probs(logits_of(P), temperature=2.0, top_p=0.6), [tempered[0] / kept, tempered[1] / kept, 0, 0])
+    expected = [tempered[0] / kept, tempered[1] / kept, 0, 0]
+    assert_probs(sampling_probs(logits_of(P), temperature=2.0, top_p=0.6), expected)
 
 
 def test_top_k():
