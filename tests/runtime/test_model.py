@@ -115,6 +115,47 @@ def test_gpt_mode_equals_rnn_mode(model):
     torch.testing.assert_close(state.ffn_shift, gpt_state.ffn_shift)
 
 
+def test_rnn_step_fused_path_equals_differentiable_path(model):
+    """model.step has two implementations: the fused one under no_grad (generation) and GPT mode on
+    T = 1 with gradients enabled. Both must agree, and neither may modify the state passed in."""
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(11))
+    s_fused = s_grad = model.init_state(2)
+    for t in range(idx.shape[1]):
+        before = s_fused.clone()
+        with torch.no_grad():
+            out_fused, s_fused_next = model.step(idx[:, t], s_fused)
+        for a, b in zip((before.att_shift, before.wkv, before.ffn_shift),
+                        (s_fused.att_shift, s_fused.wkv, s_fused.ffn_shift)):
+            assert torch.equal(a, b)  # the caller's state is untouched
+        out_grad, s_grad = model.step(idx[:, t], s_grad)
+        assert out_grad.requires_grad
+        torch.testing.assert_close(out_fused, out_grad.detach(), rtol=1e-5, atol=1e-5)
+        s_fused = s_fused_next
+    assert rel_err(s_fused.wkv, s_grad.wkv.detach()) < 1e-5
+    torch.testing.assert_close(s_fused.att_shift, s_grad.att_shift.detach())
+
+
+def test_rnn_step_bf16_model_tracks_fp32(model):
+    """A bf16 model steps with an fp32 WKV state; its logits stay close to the fp32 model's.
+    Tolerance: bf16 weights and activations (8-bit mantissa) over 3 layers and 12 tokens -> 3e-2."""
+    import copy
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(12))
+    s32, s16 = model.init_state(2), m16.init_state(2)
+    assert s16.wkv.dtype == torch.float32 and s16.att_shift.dtype == torch.bfloat16
+    with torch.no_grad():
+        for t in range(idx.shape[1]):
+            l32, s32 = model.step(idx[:, t], s32)
+            l16, s16 = m16.step(idx[:, t], s16)
+            assert l16.dtype == torch.bfloat16 and s16.wkv.dtype == torch.float32
+            assert rel_err(l16, l32) < 3e-2, t
+        # a state in another dtype (e.g. kept in fp32) is converted, not rejected
+        l_mixed, _ = m16.step(idx[:, 0], model.init_state(2))
+        l_native, _ = m16.step(idx[:, 0], m16.init_state(2))
+    torch.testing.assert_close(l_mixed, l_native)
+
+
 def test_state_passing_between_segments(model):
     """Prefill in two segments with the carried state == one pass over the whole sequence."""
     idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,52 @@ class TimeMix(nn.Module):
         y = y + bonus.view(B, T, C)
         return self.output(y * g), v_first, x[:, -1], wkv_state
 
+    def step(self, x, v_first, shift, wkv_in, wkv_out):
+        """RNN mode for one token per row: x, shift (B, C); WKV state (B, H, N, N) fp32. Under no_grad.
+
+        The same maths as forward() on (B, C) rows in fewer kernels, because generation pays a fixed
+        cost per op: the six mixes are one addcmul, the LoRA biases ride in addmm, and the decay
+        exp(-exp(w)) with w = -softplus(-z) - 0.5 is exp(-e^-0.5 * sigmoid(z)). Parameters are read
+        from `_parameters` directly (nn.Module.__getattr__ costs more than the small ops here). The
+        next WKV state is written straight into `wkv_out`. Returns (output, v_first).
+        """
+        B, C = x.shape
+        H, N = self.n_head, self.head_size
+        p = self._parameters
+        mixes = torch.cat([p["x_r"], p["x_w"], p["x_k"], p["x_v"], p["x_a"], p["x_g"]]).view(6, 1, C)
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, shift - x, mixes)
+
+        r = F.linear(xr, self.receptance.weight)
+        z = torch.addmm(p["w0"].view(1, C), torch.tanh(xw @ p["w1"]), p["w2"])
+        k = F.linear(xk, self.key.weight)
+        v = F.linear(xv, self.value.weight)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(p["v0"].view(1, C), xv @ p["v1"], p["v2"])))
+        a = torch.sigmoid(torch.addmm(p["a0"].view(1, C), xa @ p["a1"], p["a2"]))
+        g = torch.sigmoid(xg @ p["g1"]) @ p["g2"]
+        kk = (k * p["k_k"].view(C)).view(B, H, N)
+        kk = (kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)).view(B, C)
+        k = torch.addcmul(k, k * (a - 1), p["k_a"].view(C))  # k * (1 + (a - 1) * k_a)
+
+        # S' = S diag(decay) - (S kk)(kk a)^T + v k^T per head, S in [value][key] layout, fp32
+        decay = torch.exp(torch.sigmoid(z) * -math.exp(-0.5))
+        if x.dtype != torch.float32:
+            r32, k32, v32, kk32, a32, decay = (t.float() for t in (r, k, v, kk, a, decay))
+        else:
+            r32, k32, v32, kk32, a32 = r, k, v, kk, a
+        S, S_new = wkv_in.view(B * H, N, N), wkv_out.view(B * H, N, N)
+        s_kk = torch.bmm(S, kk32.view(B * H, N, 1))
+        torch.mul(S, decay.view(B * H, 1, N), out=S_new)
+        S_new.addcmul_(s_kk, (kk32 * a32).view(B * H, 1, N), value=-1.0)
+        S_new.addcmul_(v32.view(B * H, N, 1), k32.view(B * H, 1, N))
+        y = torch.bmm(S_new, r32.view(B * H, N, 1)).view(B, C).to(x.dtype)
+
+        y = torch.group_norm(y, H, self.ln_x.weight, self.ln_x.bias, LN_X_EPS)
+        bonus = (r * k * p["r_k"].view(C)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
+        return F.linear((y + bonus.view(B, C)) * g, self.output.weight), v_first
+
 
 class ChannelMix(nn.Module):
     """RWKV_CMix_x070: token shift, then relu(key(x))**2 -> value. Hidden size 4C."""
@@ -161,6 +208,11 @@ class ChannelMix(nn.Module):
         xx = _token_shift(x, shift)
         k = torch.relu(self.key(x + xx * self.x_k)).square()
         return self.value(k), x[:, -1]
+
+    def step(self, x, shift):
+        """RNN mode for one token per row: x, shift (B, C). Under no_grad."""
+        k = F.linear(torch.addcmul(x, shift - x, self.x_k.view(-1)), self.key.weight)
+        return F.linear(torch.relu(k).square(), self.value.weight)
 
 
 class Block(nn.Module):
@@ -181,6 +233,20 @@ class Block(nn.Module):
         x = x + dx
         dx, s_ffn = self.ffn(self.ln2(x), s_ffn)
         return x + dx, v_first, s_att, s_wkv, s_ffn
+
+    def step(self, x, v_first, state_in, state_out):
+        """RNN mode: x (B, C) through this layer. state_in/state_out are this layer's
+        (att_shift, wkv, ffn_shift) views; the new ones are written into state_out. Under no_grad."""
+        C = x.shape[-1]
+        if hasattr(self, "ln0"):
+            x = F.layer_norm(x, (C,), self.ln0.weight, self.ln0.bias, self.ln0.eps)
+        h = F.layer_norm(x, (C,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        dx, v_first = self.att.step(h, v_first, state_in[0], state_in[1], state_out[1])
+        state_out[0].copy_(h)
+        x = x + dx
+        h = F.layer_norm(x, (C,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        state_out[2].copy_(h)
+        return x + self.ffn.step(h, state_in[2]), v_first
 
 
 class RWKV7(nn.Module):
@@ -296,14 +362,27 @@ class RWKV7(nn.Module):
         return (logits, new_state) if return_state else logits
 
     def step(self, tokens: torch.Tensor, state: RWKV7State):
-        """RNN mode: one token per sequence. tokens (B,) -> logits (B, V) and the next state."""
-        h, state = self.hidden_states(tokens.view(-1, 1), state=state)
-        h = h[:, 0]
-        if torch.is_grad_enabled() and self.head.weight.requires_grad:
-            return self.head(h), state
+        """RNN mode: one token per sequence. tokens (B,) -> logits (B, V) and the next state.
+
+        `state` is never modified. Under torch.no_grad / inference_mode (generation) this runs the
+        fused per-layer step() kernels; with gradients enabled it runs GPT mode on T = 1, which is
+        differentiable and gives the same values.
+        """
+        if torch.is_grad_enabled():
+            h, state = self.hidden_states(tokens.view(-1, 1), state=state)
+            return self.head(h[:, 0]), state
+        x = self.emb(tokens.view(-1))
+        if state.att_shift.dtype != x.dtype or state.wkv.dtype != torch.float32:  # e.g. a state saved in fp32
+            state = RWKV7State(state.att_shift.to(x.dtype), state.wkv.float(), state.ffn_shift.to(x.dtype))
+        new_state = RWKV7State(*(torch.empty_like(t) for t in (state.att_shift, state.wkv, state.ffn_shift)))
+        layers_in = zip(state.att_shift.unbind(0), state.wkv.unbind(0), state.ffn_shift.unbind(0), strict=True)
+        layers_out = zip(*(t.unbind(0) for t in (new_state.att_shift, new_state.wkv, new_state.ffn_shift)), strict=True)
+        v_first = None
+        for block, s_in, s_out in zip(self.blocks, layers_in, layers_out, strict=True):
+            x, v_first = cast(Block, block).step(x, v_first, s_in, s_out)
         # Generation is bound by reading the head (V x C) once per token; a GEMM with the weight stored
-        # (C, V) row-major reads it ~1.4x faster on CPU than F.linear's transposed (V, C) operand.
-        return h @ self._head_transposed(), state
+        # (C, V) row-major reads it faster on CPU than F.linear's transposed (V, C) operand.
+        return self.ln_out(x) @ self._head_transposed(), new_state
 
     def _head_transposed(self) -> torch.Tensor:
         """A cached (C, V) contiguous copy of the head weight, rebuilt whenever the weight changes."""
