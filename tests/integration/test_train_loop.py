@@ -230,3 +230,25 @@ def test_world_tokenizer_run(tmp_path):
                 log=lambda m: None)
     assert res.model.config.vocab_size == tok.vocab_size == 65536
     assert all(r["loss"] > 0 for r in metrics(tmp_path / "run"))
+
+
+def test_grad_checkpoint_run_equals_plain_run(tmp_path, demo_jsonl, monkeypatch):
+    """--grad-checkpoint changes memory, not the trajectory: the same losses and final weights, bit for
+    bit; and the trainer really turns checkpointing on (torch.utils.checkpoint is entered per block)."""
+    from rwkvslice.cli import main
+    from rwkvslice.model import rwkv7 as rwkv7_mod
+
+    calls = []
+    real = rwkv7_mod.checkpoint
+    monkeypatch.setattr(rwkv7_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = train(small(tmp_path / "plain", demo_jsonl, steps=3), log=lambda m: None)
+    assert not calls
+    common = ["--data", str(demo_jsonl), "--model", "demo", "--ctx-len", "32", "--batch-size", "8", "--lr", "1e-3",
+              "--warmup-steps", "2", "--steps", "3", "--no-progress", "--device", "cpu"]
+    assert main(["train", *common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
+    n_layer = len(plain.model.blocks)
+    assert len(calls) == 3 * n_layer  # one checkpointed region per block per step
+    assert [r["loss"] for r in metrics(tmp_path / "ckpt")] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    again = load_model(tmp_path / "ckpt")[0]
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a.cpu(), b), name

@@ -93,6 +93,11 @@ def add_parser(subparsers) -> None:
     )
     o.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
     o.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="activation checkpointing per block: recompute each block in backward (less memory, more time)",
+    )
+    o.add_argument(
         "--skip-nonfinite",
         action="store_true",
         help="skip a step whose loss or gradient is not finite instead of stopping",
@@ -164,6 +169,7 @@ def _config_from_args(args: argparse.Namespace):
         pack=args.pack,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        grad_checkpoint=args.grad_checkpoint,
         **values,
     )
 

@@ -19,6 +19,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rwkvslice.model.config import RWKV7Config
 from rwkvslice.ops import wkv7
@@ -257,6 +258,9 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Per-block activation checkpointing for training: keep only each block's inputs and recompute
+        # its forward during backward (a training choice, so not part of the config or checkpoints).
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------
@@ -335,7 +339,12 @@ class RWKV7(nn.Module):
         for i, block in enumerate(self.blocks):
             s_att, s_wkv, s_ffn = (None, None, None) if state is None else (
                 state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            x, v_first, s_att, s_wkv, s_ffn = block(x, v_first, s_att, s_wkv, s_ffn, backend)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, v_first, s_att, s_wkv, s_ffn = checkpoint(
+                    block, x, v_first, s_att, s_wkv, s_ffn, backend, use_reentrant=False
+                )
+            else:
+                x, v_first, s_att, s_wkv, s_ffn = block(x, v_first, s_att, s_wkv, s_ffn, backend)
             att_shift.append(s_att)
             wkv_states.append(s_wkv)
             ffn_shift.append(s_ffn)

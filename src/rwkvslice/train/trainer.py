@@ -71,6 +71,7 @@ class TrainConfig:
     pack: bool = False
     num_workers: int = 0
     progress: bool = True
+    grad_checkpoint: bool = False  # recompute each block's forward in backward (less memory, ~1/3 more time)
 
     def resolved_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
@@ -81,7 +82,7 @@ class TrainConfig:
 
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
-                     "progress"}
+                     "progress", "grad_checkpoint"}  # recomputation gives the same values
 
 
 @dataclass
@@ -261,6 +262,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         start_step = 0
     model.to(env.device)
     model.train()
+    model.grad_checkpointing = cfg.grad_checkpoint
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.adam_eps)
