@@ -77,8 +77,9 @@ def worker(cfg: dict) -> dict:
     path = cfg["path"]
     impl = {"sliced_full": "full", "sliced_chunked": "chunked", "sliced_torch": "torch"}.get(path)
 
-    if cfg["scope"] == "step":  # the whole model: embedding, blocks, ln_out, head + loss
+    if cfg["scope"] in ("step", "step_ckpt"):  # the whole model: embedding, blocks, ln_out, head + loss
         model = RWKV7(RWKV7Config(vocab_size=V, n_embd=C, n_layer=cfg["n_layer"]))
+        model.grad_checkpointing = cfg["scope"] == "step_ckpt"  # per-block activation checkpointing
         params = list(model.parameters())
 
         def hidden():
@@ -172,7 +173,12 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--densities", default="1.0,0.25,0.05")
     ap.add_argument("--paths", default=",".join(PATHS))
-    ap.add_argument("--scopes", default="step,head", help="step: whole model; head: head + loss only")
+    ap.add_argument(
+        "--scopes",
+        default="step,head",
+        help="step: whole model; step_ckpt: whole model with per-block activation checkpointing; "
+        "head: head + loss only",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
     ap.add_argument("--out", default="reports/bench-loss.md")
     args = ap.parse_args()
@@ -201,7 +207,7 @@ def main() -> int:
     )
     configs = []
     for scope in scopes:
-        if scope == "step" and "body_only" in paths:
+        if scope in ("step", "step_ckpt") and "body_only" in paths:
             configs.append((scope, "body_only", 1.0))  # no head: independent of the density
         configs += [(scope, p, d) for d in densities for p in paths if p != "body_only"]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -236,6 +242,8 @@ def main() -> int:
         f"- command: `python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`; code: {_code_version()}",
         f"- model (scope step): RWKV7 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, fp32; "
         f"B x T = {args.batch} x {args.ctx} = {args.batch * args.ctx} tokens, kept targets at random positions",
+        "- scope step_ckpt: the same whole step with model.grad_checkpointing = True (each block's forward "
+        "is recomputed in backward), for every path alike",
         "- scope head: the same head (V x C) and loss from (B, T, C) leaf hidden states, no model body",
         f"- {args.rounds} rounds x {args.steps} timed steps per config; every round runs each config in a fresh "
         f"subprocess, rounds interleaved; total {elapsed / 60:.1f} min",
@@ -247,7 +255,11 @@ def main() -> int:
         "- cells: median (min-max) over rounds (memory) or rounds x steps (time); ratios are of medians",
     ]
     for scope in scopes:
-        title = "Whole model step" if scope == "step" else "Head + loss only (no model body)"
+        title = {
+            "step": "Whole model step",
+            "step_ckpt": "Whole model step, per-block activation checkpointing (grad_checkpointing, all paths)",
+            "head": "Head + loss only (no model body)",
+        }[scope]
         lines += [
             "",
             f"## {title}",
