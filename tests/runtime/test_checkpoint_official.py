@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -114,3 +115,102 @@ def test_pretrained_dir_errors(official, tmp_path):
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
         RWKV7.from_pretrained(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("drop, needle", [
+    ("emb.weight", "missing key 'emb.weight'"),
+    ("blocks.0.att.r_k", "missing key 'blocks.0.att.r_k'"),
+])
+def test_missing_key_the_config_is_inferred_from(official, tmp_path, drop, needle):
+    _, _, sd = official
+    bad = {k: v for k, v in sd.items() if k != drop}
+    torch.save(bad, tmp_path / "nocfg.pth")
+    _expect_error(tmp_path / "nocfg.pth", needle)
+
+
+def test_head_shape_that_is_not_two_dimensional(official, tmp_path):
+    _, _, sd = official
+    torch.save({**sd, "blocks.0.att.r_k": torch.zeros(32)}, tmp_path / "rk.pth")
+    _expect_error(tmp_path / "rk.pth", "'blocks.0.att.r_k' has shape (32,)", "(n_head, head_size)")
+
+
+def test_a_block_missing_in_the_middle(official, tmp_path):
+    _, _, sd = official
+    # blocks 0 and 2 present, block 1 entirely absent: the depth is 3 by the highest index
+    shifted = {k.replace("blocks.1.", "blocks.2."): v for k, v in sd.items()}
+    torch.save(shifted, tmp_path / "gap.pth")
+    _expect_error(tmp_path / "gap.pth", "missing every key of block 1")
+
+
+def test_inconsistent_shapes_are_a_checkpoint_error(official, tmp_path):
+    _, _, sd = official
+    # width 32 with head size 24 cannot be split into heads: RWKV7Config refuses it
+    torch.save({**sd, "blocks.0.att.r_k": torch.zeros(1, 24)}, tmp_path / "heads.pth")
+    _expect_error(tmp_path / "heads.pth", "inconsistent shapes", "multiple of head_size (24)")
+
+
+def test_lora_rank_absent_from_every_block_falls_back_to_the_default_then_fails(official, tmp_path):
+    _, _, sd = official
+    bad = {k: v for k, v in sd.items() if not k.endswith(".att.g1")}
+    torch.save(bad, tmp_path / "nog1.pth")
+    # the rank is unknown, so the config uses its default; the load then names the first absent key
+    _expect_error(tmp_path / "nog1.pth", "missing key 'blocks.0.att.g1'", "(and 1 more)")
+
+
+def test_failed_official_save_leaves_no_partial_file(official, tmp_path, monkeypatch):
+    m, _, _ = official
+    target = tmp_path / "out" / "m.pth"
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        m.save_official(target)
+    assert list(target.parent.iterdir()) == []  # neither the target nor the temporary file
+
+
+@pytest.mark.parametrize("config_text, needles", [
+    ("{not json", ["config.json: not valid JSON"]),
+    ("[1, 2]", ["config.json: expected a JSON object"]),
+    ('{"model_type": "rwkv7", "vocab_size": 64, "n_embd": 32}', ["config.json", "missing field(s) n_layer"]),
+    ('{"vocab_size": 64, "n_embd": 32, "n_layer": 2, "head_size": 16, "dropout": 0.1}',
+     ["config.json", "unknown field(s) dropout"]),
+])
+def test_pretrained_config_errors_name_the_config_file(official, tmp_path, config_text, needles):
+    m, _, _ = official
+    m.save_pretrained(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(config_text)
+    with pytest.raises(CheckpointError) as info:
+        RWKV7.from_pretrained(tmp_path / "d")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "d" / "config.json"))
+    for needle in needles:
+        assert needle in msg
+
+
+def _save_safetensors(sd, directory, config):
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory / "model.safetensors"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda sd: sd.pop("blocks.1.ffn.value.weight"), "missing key 'blocks.1.ffn.value.weight'"),
+    (lambda sd: sd.update({"ln_out.weight": torch.ones(31)}), "'ln_out.weight' has shape (31,), expected (32,)"),
+    (lambda sd: sd.update({"blocks.0.extra": torch.ones(2)}), "unexpected key 'blocks.0.extra'"),
+])
+def test_pretrained_weight_errors_name_the_weights_file(official, tmp_path, edit, needle):
+    m, _, _ = official
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    edit(sd)
+    weights = _save_safetensors(sd, tmp_path / "d", m.config.to_dict())
+    with pytest.raises(CheckpointError) as info:
+        RWKV7.from_pretrained(tmp_path / "d")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(str(weights)) and needle in msg, msg
