@@ -196,19 +196,8 @@ def _check_target_range(target: torch.Tensor, vocab_size: int, name: str = "targ
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The active autocast dtype for device_type, or None; works on torch before and after 2.4."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        if device_type == "cpu":
-            enabled = torch.is_autocast_cpu_enabled()
-        elif device_type == "cuda":
-            enabled = torch.is_autocast_enabled()
-        else:
-            enabled = False
-    if not enabled:
+    """The active autocast dtype for device_type, or None (the per-device-type API of torch >= 2.4;
+    pyproject requires torch >= 2.5)."""
+    if not torch.is_autocast_enabled(device_type):
         return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except (AttributeError, TypeError):
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type)
