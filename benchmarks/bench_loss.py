@@ -77,9 +77,10 @@ def worker(cfg: dict) -> dict:
     path = cfg["path"]
     impl = {"sliced_full": "full", "sliced_chunked": "chunked", "sliced_torch": "torch"}.get(path)
 
-    if cfg["scope"] in ("step", "step_ckpt"):  # the whole model: embedding, blocks, ln_out, head + loss
+    scope = cfg["scope"]
+    if scope.startswith("step"):  # the whole model: embedding, blocks, ln_out, head + loss
         model = RWKV7(RWKV7Config(vocab_size=V, n_embd=C, n_layer=cfg["n_layer"]))
-        model.grad_checkpointing = cfg["scope"] == "step_ckpt"  # per-block activation checkpointing
+        model.grad_checkpointing = "ckpt" in scope  # per-block activation checkpointing
         params = list(model.parameters())
 
         def hidden():
@@ -111,7 +112,10 @@ def worker(cfg: dict) -> dict:
 
     def drop_grads() -> None:
         for p in params:
-            p.grad = None
+            if scope.endswith("_kept") and p.grad is not None:
+                p.grad.zero_()  # gradient buffers persist between steps (zero_grad(set_to_none=False), DDP)
+            else:
+                p.grad = None
 
     step()  # warm-up
     drop_grads()
@@ -177,6 +181,7 @@ def main() -> int:
         "--scopes",
         default="step,head",
         help="step: whole model; step_ckpt: whole model with per-block activation checkpointing; "
+        "step_kept / step_ckpt_kept: the same with gradient buffers kept (zeroed, not freed) between steps; "
         "head: head + loss only",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
@@ -207,7 +212,7 @@ def main() -> int:
     )
     configs = []
     for scope in scopes:
-        if scope in ("step", "step_ckpt") and "body_only" in paths:
+        if scope.startswith("step") and "body_only" in paths:
             configs.append((scope, "body_only", 1.0))  # no head: independent of the density
         configs += [(scope, p, d) for d in densities for p in paths if p != "body_only"]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
@@ -244,6 +249,10 @@ def main() -> int:
         f"B x T = {args.batch} x {args.ctx} = {args.batch * args.ctx} tokens, kept targets at random positions",
         "- scope step_ckpt: the same whole step with model.grad_checkpointing = True (each block's forward "
         "is recomputed in backward), for every path alike",
+        "- scopes *_kept: parameter gradients stay allocated between steps and are zeroed in place "
+        "(optimizer.zero_grad(set_to_none=False); DDP keeps its gradient buckets likewise), so they are in the "
+        "base RSS and the growth is the step's activations and working memory only; otherwise they are freed "
+        "(set_to_none=True, torch's default and rwkvslice's trainer) and counted in the growth",
         "- scope head: the same head (V x C) and loss from (B, T, C) leaf hidden states, no model body",
         f"- {args.rounds} rounds x {args.steps} timed steps per config; every round runs each config in a fresh "
         f"subprocess, rounds interleaved; total {elapsed / 60:.1f} min",
@@ -258,6 +267,8 @@ def main() -> int:
         title = {
             "step": "Whole model step",
             "step_ckpt": "Whole model step, per-block activation checkpointing (grad_checkpointing, all paths)",
+            "step_kept": "Whole model step, gradient buffers kept between steps",
+            "step_ckpt_kept": "Whole model step, per-block activation checkpointing and gradient buffers kept",
             "head": "Head + loss only (no model body)",
         }[scope]
         lines += [
