@@ -120,6 +120,8 @@ def test_divergence_exits_1_with_one_line(tmp_path, capsys):
     (["train", "--data", "f.txt", "--out", "X", "--grad-accum", "0"], "--grad-accum"),
     (["train", "--data", "f.txt", "--out", "X", "--device", "tpu"], "--device"),
     (["train", "--demo", "--out", "X", "--tokenizer", "world"], "byte tokenizer"),
+    (["train", "--demo", "--out", "f.txt"], "--out f.txt exists and is not a directory"),
+    (["train", "--data", "missing.txt", "--out", "X"], "missing.txt: no such file"),
     (["generate", "--ckpt", "RUN", "--prompt", "x", "--temperature", "-1"], "--temperature"),
     (["generate", "--ckpt", "RUN", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--ckpt", "RUN", "--prompt", ""], "--prompt is empty"),
@@ -134,6 +136,7 @@ def test_bad_values_in_process(run_dir, tmp_path, monkeypatch, capsys, argv, nee
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rwkvslice: error: ") and needle in err[0], err
+    assert not (tmp_path / "X").exists()  # a user error leaves no run directory behind
 
 
 def test_eval_data_loss_matches_full_logits(run_dir, tmp_path, capsys):

@@ -188,7 +188,14 @@ def test_existing_run_needs_resume_and_same_arguments(tmp_path, demo_jsonl):
 ])
 def test_bad_configuration(tmp_path, demo_jsonl, kw, match):
     with pytest.raises(ConfigError, match=match):
-        train(small(tmp_path, demo_jsonl, **kw), log=lambda m: None)
+        train(small(tmp_path / "run", demo_jsonl, **kw), log=lambda m: None)
+    assert not (tmp_path / "run").exists()  # a user error leaves no run directory behind
+
+
+def test_out_that_is_a_file_is_a_config_error(tmp_path, demo_jsonl):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ConfigError, match="--out .*run exists and is not a directory"):
+        train(small(tmp_path / "run", demo_jsonl), log=lambda m: None)
 
 
 def test_model_from_json_config(tmp_path, demo_jsonl):

@@ -99,6 +99,8 @@ class TrainResult:
 
 def validate(cfg: TrainConfig) -> None:
     check_precision(cfg.precision)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} exists and is not a directory")
     positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                 "keep": cfg.keep}
     for name, value in positive.items():
@@ -229,7 +231,6 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale(ckpt_root)
     barrier(env)
 
@@ -244,7 +245,6 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     if len(dataset) < cfg.batch_size * env.world_size:
         raise ConfigError(f"--data {cfg.data}: {len(dataset)} training windows, fewer than one batch "
                           f"({cfg.batch_size} x {env.world_size} process(es)); lower --batch-size")
-
     seed_everything(cfg.seed)
     if latest is not None:
         optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
@@ -284,6 +284,11 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
+    # Created only now that the arguments, the data, the model and any resume are known to be good,
+    # so a user error leaves no run directory behind.
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
     metrics = MetricsLog(out / "metrics.jsonl") if env.is_main else None
     if metrics is not None:
         metrics.start(keep_up_to=start_step)
