@@ -126,6 +126,15 @@ def test_bad_schedule_arguments(model):
         WarmupCosine(opt, total_steps=0, warmup_steps=0, min_lr_ratio=0.1)
     with pytest.raises(ConfigError, match="--min-lr"):
         WarmupCosine(opt, total_steps=10, warmup_steps=0, min_lr_ratio=2.0)
+    with pytest.raises(ConfigError, match=r"^--warmup-steps must be >= 0, got -1$"):
+        WarmupCosine(opt, total_steps=10, warmup_steps=-1, min_lr_ratio=0.1)
+
+
+def test_no_cosine_left_after_a_warmup_as_long_as_the_run():
+    """warmup_steps >= total_steps: the LR ramps up and then stays at the peak (no decay phase to run)."""
+    f = lambda s: lr_factor(s, total_steps=4, warmup_steps=4, min_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in (1, 2, 3, 4, 5, 9)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(7, total_steps=4, warmup_steps=6, min_ratio=0.0) == 1.0
 
 
 @pytest.mark.parametrize("eps, expected_step", [
