@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rwkvslice.data import build_dataset, write_binidx
+from rwkvslice.data.prepare import prepare
 from rwkvslice.errors import ConfigError, DataError, RWKVSliceError
 
 
@@ -72,6 +73,17 @@ def test_empty_file(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
     assert one_line_error(DataError, build_dataset, path, "byte", 16) == f"{path}: empty file"
+
+
+@pytest.mark.parametrize("name", ["bom.txt", "bom.jsonl"])
+def test_a_file_holding_only_a_byte_order_mark_is_empty(tmp_path, name):
+    """The BOM is not text: such a file is "empty", like a 0-byte one (a .txt one used to crash with a
+    bare ValueError from np.concatenate, and `data prepare` wrote an empty binidx)."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf\n \n")
+    assert one_line_error(DataError, build_dataset, path, "byte", 16) == f"{path}: empty file"
+    assert one_line_error(DataError, prepare, path, tmp_path / "out") == f"{path}: empty file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written
 
 
 @pytest.mark.parametrize("name", ["missing.txt", "missing.jsonl", "missing_prefix"])

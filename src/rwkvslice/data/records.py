@@ -43,9 +43,10 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{line}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
     if not text.strip():
         raise DataError(f"{path}: empty file")
-    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
+    return text
 
 
 def read_bytes(path: Path) -> bytes:

@@ -169,7 +169,7 @@ def _sample_dataset(path: Path, tokenizer, ctx_len: int, pack: bool) -> WindowDa
             continue
         token_parts.append(np.asarray(ids, dtype=np.int32))
         loss_parts.append(np.asarray(loss, dtype=bool))
-    if n_samples == 0:
+    if n_samples == 0:  # pragma: no cover - read_utf8 already refuses a file without a non-blank line
         raise DataError(f"{path}: empty file")
     if not token_parts:
         raise DataError(f"{path}: none of the {n_samples} samples has a loss token left "
