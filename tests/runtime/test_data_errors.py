@@ -163,3 +163,46 @@ def test_binidx_missing_half(tmp_path):
     (tmp_path / "p.bin").unlink()
     message = one_line_error(DataError, build_dataset, tmp_path / "p", "byte", 4)
     assert message.startswith(f"{tmp_path / 'p'}.bin: no such file")
+
+
+def test_binidx_with_negative_or_gapped_sizes(tmp_path):
+    idx = bytearray(_idx_bytes(sizes=(2, 1)))
+    header = 9 + struct.calcsize("<QBQQ")
+    idx[header:header + 4] = struct.pack("<i", -1)  # sizes[0] = -1
+    (tmp_path / "neg.idx").write_bytes(bytes(idx))
+    (tmp_path / "neg.bin").write_bytes(b"\x01\x00\x02\x00\x00\x00")
+    message = one_line_error(DataError, build_dataset, tmp_path / "neg", "byte", 4)
+    assert message == f"{tmp_path / 'neg'}.idx: negative sequence size"
+
+    idx = bytearray(_idx_bytes(sizes=(2, 1)))
+    idx[header + 8 + 8:header + 8 + 16] = struct.pack("<q", 6)  # pointers[1] = 6, not 2 * 2 = 4
+    (tmp_path / "gap.idx").write_bytes(bytes(idx))
+    (tmp_path / "gap.bin").write_bytes(b"\x01\x00\x02\x00\x00\x00")
+    message = one_line_error(DataError, build_dataset, tmp_path / "gap", "byte", 4)
+    assert message == f"{tmp_path / 'gap'}.idx: sequences are not stored back to back in the .bin"
+
+
+@pytest.mark.parametrize("bad", [-1, 320])
+def test_write_binidx_refuses_ids_outside_the_vocab_and_writes_nothing(tmp_path, bad):
+    message = one_line_error(DataError, write_binidx, tmp_path / "p", [[1, 2], [3, bad]], vocab_size=320)
+    assert message == f"{tmp_path / 'p'}.bin: token id outside [0, 320)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_of_a_missing_path_without_suffix(tmp_path):
+    assert one_line_error(DataError, prepare, tmp_path / "corpus", tmp_path / "out") == (
+        f"{tmp_path / 'corpus'}: no such file")
+
+
+def test_a_stream_of_one_token_has_nothing_to_predict(tmp_path):
+    write_binidx(tmp_path / "one", [[5]], vocab_size=320)
+    message = one_line_error(DataError, build_dataset, tmp_path / "one", "byte", 4)
+    assert message == f"{tmp_path / 'one'}: only 1 token, nothing to predict"
+
+
+def test_window_index_out_of_range(tmp_path):
+    ds = build_dataset(lines_file(tmp_path, "d.txt", "abcdefghij"), "byte", 4)  # 11 tokens -> 3 windows
+    assert len(ds) == 3 and ds.bounds(-1) == ds.bounds(2) == (8, 3)
+    for i in (3, -4):
+        with pytest.raises(IndexError, match=f"^window {i} out of range for 3 windows$"):
+            ds.bounds(i)

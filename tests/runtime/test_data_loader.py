@@ -135,6 +135,9 @@ def test_bad_settings_are_config_errors():
         ResumableLoader(Numbered(50), 0)
     with pytest.raises(ConfigError, match="num_workers"):
         ResumableLoader(Numbered(50), 2, num_workers=-1)
+    for drop_last in (True, False):
+        with pytest.raises(ConfigError, match="^the dataset has no windows$"):
+            ResumableLoader(Numbered(0), 1, drop_last=drop_last)
 
 
 def test_num_workers_gives_the_same_batches_and_position(tmp_path):

@@ -4,6 +4,7 @@ invalid UTF-8, eod and ids outside the vocabulary."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -191,3 +192,33 @@ def test_decode_accepts_tensors_arrays_and_tuples(byte):
         assert byte.decode(ids) == "AB"
     with pytest.raises(ValueError, match="token id -1 is outside"):
         byte.decode(torch.tensor([66, -1]))
+
+
+def test_repr_names_the_tokenizer(byte):
+    assert repr(byte) == "<ByteTokenizer name='byte' vocab_size=320>"
+
+
+@pytest.mark.parametrize("line", ["1 'ab' 3", "2 b'\\x00' 2", "3 5 1"])
+def test_malformed_vocab_line_names_the_line(line):
+    with pytest.raises(ConfigError) as err:
+        WorldTokenizer(vocab_text=f"1 'a' 1\n\n{line}\n")
+    assert str(err.value) == "rwkv_vocab_v20230424.txt:3: malformed vocab line"
+
+
+def test_small_vocab_text_encodes_greedy_longest_match():
+    tok = WorldTokenizer(vocab_text="1 'a' 1\n2 'ab' 2\n3 b'\\xc3' 1\n4 'b' 1\r\n")
+    assert tok.encode("abab") == [2, 2]
+    assert tok.encode("aba") == [2, 1]
+    assert tok.decode([2, 4, 3]) == "abb\ufffd"
+
+
+def test_world_vocab_with_another_hash_is_refused(monkeypatch, tmp_path):
+    import rwkvslice.data.tokenizers as T
+
+    (tmp_path / T.WORLD_VOCAB_FILE).write_bytes(b"1 'a' 1\r\n")
+    monkeypatch.setattr(T.resources, "files", lambda package: tmp_path)
+    with pytest.raises(ConfigError) as err:
+        T._read_world_vocab()
+    digest = hashlib.sha256(b"1 'a' 1\n").hexdigest()  # hashed with LF line ends
+    assert str(err.value) == (f"rwkv_vocab_v20230424.txt in the rwkv package has sha256 {digest}, "
+                              f"expected {T.WORLD_VOCAB_SHA256}")
