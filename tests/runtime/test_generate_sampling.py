@@ -101,3 +101,12 @@ def test_same_seed_same_tokens():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         check_sampling_args(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5])
+def test_sampling_probs_has_no_distribution_for_greedy_temperatures(temperature):
+    with pytest.raises(ConfigError) as err:
+        sampling_probs(logits_of(P), temperature=temperature)
+    assert str(err.value) == "sampling_probs needs temperature > 0 (temperature 0 is greedy decoding)"
+    # sample_next handles temperature 0 itself: the argmax, without asking for a distribution
+    assert sample_next(logits_of(P), temperature=0).tolist() == [0]
