@@ -140,3 +140,35 @@ def test_eval_argument_errors(ckpt, tmp_path, capsys, argv, message):
     assert main(["eval", "--ckpt", str(ckpt), *argv]) == 2
     assert _one_error_line(capsys) == message
 
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--demo", "--init-from", "base.pth"], "rwkvslice: error: --demo trains from scratch; --init-from needs --data"),
+    (["--demo", "--eval-samples", "0"], "rwkvslice: error: --eval-samples must be >= 1, got 0"),
+])
+def test_demo_argument_errors_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "run", "--no-progress", "--device", "cpu", *argv]) == 2
+    assert _one_error_line(capsys) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_divergence_exits_1_with_one_line(tmp_path, capsys):
+    rc = main(["train", "--demo", "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+               "--lr", "1e30", "--warmup-steps", "0", "--no-progress", "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rwkvslice")]
+    assert rc == 1 and len(err) == 1 and "non-finite" in err[0], err
+    assert not (tmp_path / "run" / "eval.json").exists()  # no evaluation of a diverged model
+
+
+def test_demo_kept_fraction_reads_the_metrics_and_skips_a_torn_line(tmp_path):
+    from rwkvslice.cli.train import _dataset_kept_fraction
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tokens": 100, "kept_tokens": 30}\n'
+                                            '{"step": 2, "tokens": 60, "kept_tokens": 18}\n{"step": 3, "tok')
+    assert _dataset_kept_fraction(tmp_path) == pytest.approx(48 / 160)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert _dataset_kept_fraction(tmp_path) == 0.0
