@@ -206,3 +206,16 @@ def test_window_index_out_of_range(tmp_path):
     for i in (3, -4):
         with pytest.raises(IndexError, match=f"^window {i} out of range for 3 windows$"):
             ds.bounds(i)
+
+
+def test_unreadable_file_names_the_reason(tmp_path, monkeypatch):
+    path = lines_file(tmp_path, "locked.txt", "hello")
+    real = type(path).read_bytes
+
+    def read_bytes(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(type(path), "read_bytes", read_bytes)  # root can read any file, so simulate it
+    assert one_line_error(DataError, build_dataset, path, "byte", 16) == f"{path}: cannot read (Permission denied)"
