@@ -185,6 +185,7 @@ def test_existing_run_needs_resume_and_same_arguments(tmp_path, demo_jsonl):
     ({"model": "huge"}, "unknown model preset"),
     ({"model": "missing.json"}, "no such config file"),
     ({"batch_size": 1000}, "fewer than one batch"),
+    ({"grad_checkpoint_len": 0}, "--grad-checkpoint-len"),
 ])
 def test_bad_configuration(tmp_path, demo_jsonl, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -259,3 +260,10 @@ def test_grad_checkpoint_run_equals_plain_run(tmp_path, demo_jsonl, monkeypatch)
     again = load_model(tmp_path / "ckpt")[0]
     for (name, a), (_, b) in zip(plain.model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a.cpu(), b), name
+    # in time segments (8 tokens of the 32-token windows): every block on every segment, same losses
+    # to fp32 rounding (the segments' gradients are summed in another order)
+    calls.clear()
+    assert main(["train", *common, "--out", str(tmp_path / "seg"), "--grad-checkpoint-len", "8"]) == 0
+    assert len(calls) == 3 * n_layer * 4
+    seg_losses = [r["loss"] for r in metrics(tmp_path / "seg")]
+    assert seg_losses == pytest.approx([r["loss"] for r in metrics(tmp_path / "plain")], rel=1e-5)

@@ -98,6 +98,13 @@ def add_parser(subparsers) -> None:
         help="activation checkpointing per block: recompute each block in backward (less memory, more time)",
     )
     o.add_argument(
+        "--grad-checkpoint-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint per block and per segment of N tokens (implies --grad-checkpoint; least memory)",
+    )
+    o.add_argument(
         "--skip-nonfinite",
         action="store_true",
         help="skip a step whose loss or gradient is not finite instead of stopping",
@@ -170,6 +177,7 @@ def _config_from_args(args: argparse.Namespace):
         num_workers=args.num_workers,
         progress=not args.no_progress,
         grad_checkpoint=args.grad_checkpoint,
+        grad_checkpoint_len=args.grad_checkpoint_len,
         **values,
     )
 

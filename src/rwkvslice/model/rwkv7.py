@@ -258,9 +258,12 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Per-block activation checkpointing for training: keep only each block's inputs and recompute
-        # its forward during backward (a training choice, so not part of the config or checkpoints).
+        # Activation checkpointing for training (a training choice, so not part of the config or
+        # checkpoints): keep only each block's inputs and recompute its forward during backward, per
+        # block and, with grad_checkpoint_len = n, per segment of n tokens (peak activations of one
+        # block on n tokens instead of T).
         self.grad_checkpointing = False
+        self.grad_checkpoint_len: int | None = None
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------
@@ -334,21 +337,28 @@ class RWKV7(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
         x = self.emb(idx)
-        v_first = None
-        att_shift, wkv_states, ffn_shift = [], [], []
-        for i, block in enumerate(self.blocks):
-            s_att, s_wkv, s_ffn = (None, None, None) if state is None else (
-                state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, v_first, s_att, s_wkv, s_ffn = checkpoint(
-                    block, x, v_first, s_att, s_wkv, s_ffn, backend, use_reentrant=False
-                )
-            else:
-                x, v_first, s_att, s_wkv, s_ffn = block(x, v_first, s_att, s_wkv, s_ffn, backend)
-            att_shift.append(s_att)
-            wkv_states.append(s_wkv)
-            ffn_shift.append(s_ffn)
-        new_state = RWKV7State(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        # Time segments: the whole sequence, or grad_checkpoint_len tokens when checkpointing, so that
+        # backward recomputes one block on one segment at a time. The recurrent state carries the
+        # sequence across segments exactly, as in RNN mode.
+        T = x.shape[1]
+        seg = (self.grad_checkpoint_len or T) if checkpointed else T
+        layer_states = [
+            (None, None, None) if state is None else (state.att_shift[i], state.wkv[i], state.ffn_shift[i])
+            for i in range(len(self.blocks))
+        ]
+        outputs = []
+        for t0 in range(0, T, seg):
+            h, v_first = x[:, t0 : t0 + seg], None
+            for i, block in enumerate(self.blocks):
+                if checkpointed:  # keep only this block's inputs; recompute its forward in backward
+                    h, v_first, *s = checkpoint(block, h, v_first, *layer_states[i], backend, use_reentrant=False)
+                else:
+                    h, v_first, *s = block(h, v_first, *layer_states[i], backend)
+                layer_states[i] = tuple(s)
+            outputs.append(h)
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        new_state = RWKV7State(*(torch.stack(field) for field in zip(*layer_states, strict=True)))
         return self.ln_out(x), new_state
 
     def forward(self, idx, *, state=None, positions=None, return_state=False, backend="auto"):

@@ -72,6 +72,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     grad_checkpoint: bool = False  # recompute each block's forward in backward (less memory, ~1/3 more time)
+    grad_checkpoint_len: int | None = None  # ... per segment of this many tokens (implies grad_checkpoint)
 
     def resolved_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
@@ -82,7 +83,8 @@ class TrainConfig:
 
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
-                     "progress", "grad_checkpoint"}  # recomputation gives the same values
+                     "progress", "grad_checkpoint", "grad_checkpoint_len"}  # memory settings; segments change
+# gradients at rounding level only (a resume that keeps them stays bit-exact)
 
 
 @dataclass
@@ -106,6 +108,8 @@ def validate(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.grad_checkpoint_len is not None and cfg.grad_checkpoint_len < 1:
+        raise ConfigError(f"--grad-checkpoint-len must be >= 1, got {cfg.grad_checkpoint_len}")
     if cfg.ctx_len < 2:
         raise ConfigError(f"--ctx-len must be >= 2, got {cfg.ctx_len}")
     if cfg.save_every < 0:
@@ -262,7 +266,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         start_step = 0
     model.to(env.device)
     model.train()
-    model.grad_checkpointing = cfg.grad_checkpoint
+    model.grad_checkpointing = cfg.grad_checkpoint or cfg.grad_checkpoint_len is not None
+    model.grad_checkpoint_len = cfg.grad_checkpoint_len
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.adam_eps)
