@@ -80,7 +80,9 @@ def worker(cfg: dict) -> dict:
     scope = cfg["scope"]
     if scope.startswith("step"):  # the whole model: embedding, blocks, ln_out, head + loss
         model = RWKV7(RWKV7Config(vocab_size=V, n_embd=C, n_layer=cfg["n_layer"]))
-        model.grad_checkpointing = "ckpt" in scope  # per-block activation checkpointing
+        ckpt = re.search(r"_ckpt(\d*)", scope)  # activation checkpointing per block [and per N-token segment]
+        model.grad_checkpointing = ckpt is not None
+        model.grad_checkpoint_len = int(ckpt.group(1)) if ckpt and ckpt.group(1) else None
         params = list(model.parameters())
 
         def hidden():
@@ -181,7 +183,8 @@ def main() -> int:
         "--scopes",
         default="step,head",
         help="step: whole model; step_ckpt: whole model with per-block activation checkpointing; "
-        "step_kept / step_ckpt_kept: the same with gradient buffers kept (zeroed, not freed) between steps; "
+        "step_ckptN: also per N-token segment; a _kept suffix: gradient buffers kept (zeroed, not freed) "
+        "between steps; "
         "head: head + loss only",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
@@ -247,8 +250,9 @@ def main() -> int:
         f"- command: `python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`; code: {_code_version()}",
         f"- model (scope step): RWKV7 n_layer={args.n_layer} n_embd={args.n_embd} vocab={args.vocab}, fp32; "
         f"B x T = {args.batch} x {args.ctx} = {args.batch * args.ctx} tokens, kept targets at random positions",
-        "- scope step_ckpt: the same whole step with model.grad_checkpointing = True (each block's forward "
-        "is recomputed in backward), for every path alike",
+        "- scope step_ckpt[N]: the same whole step with model.grad_checkpointing = True (each block's forward "
+        "is recomputed in backward; with N, per N-token segment: model.grad_checkpoint_len = N), for every "
+        "path alike",
         "- scopes *_kept: parameter gradients stay allocated between steps and are zeroed in place "
         "(optimizer.zero_grad(set_to_none=False); DDP keeps its gradient buckets likewise), so they are in the "
         "base RSS and the growth is the step's activations and working memory only; otherwise they are freed "
@@ -264,13 +268,7 @@ def main() -> int:
         "- cells: median (min-max) over rounds (memory) or rounds x steps (time); ratios are of medians",
     ]
     for scope in scopes:
-        title = {
-            "step": "Whole model step",
-            "step_ckpt": "Whole model step, per-block activation checkpointing (grad_checkpointing, all paths)",
-            "step_kept": "Whole model step, gradient buffers kept between steps",
-            "step_ckpt_kept": "Whole model step, per-block activation checkpointing and gradient buffers kept",
-            "head": "Head + loss only (no model body)",
-        }[scope]
+        title = _scope_title(scope)
         lines += [
             "",
             f"## {title}",
@@ -326,6 +324,22 @@ def main() -> int:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _scope_title(scope: str) -> str:
+    if scope == "head":
+        return "Head + loss only (no model body)"
+    parts = ["Whole model step"]
+    ckpt = re.search(r"_ckpt(\d*)", scope)
+    if ckpt:
+        parts.append(
+            "activation checkpointing per block"
+            + (f" and per {ckpt.group(1)}-token segment" if ckpt.group(1) else "")
+            + " (all paths alike)"
+        )
+    if scope.endswith("_kept"):
+        parts.append("gradient buffers kept between steps")
+    return ", ".join(parts)
 
 
 def _code_version() -> str:
