@@ -100,3 +100,37 @@ def test_a_model_vocab_smaller_than_the_tokenizer_is_refused(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"vocab_size": 100, "n_embd": 32, "n_layer": 1, "head_size": 16}))
     assert "vocab_size 100 is smaller" in error(build_model, cfg(tmp_path, model=str(path)), ByteTokenizer())
+
+
+def test_resume_refuses_a_changed_argument_or_world_size(tmp_path):
+    from rwkvslice.train.trainer import _args_dict, _check_resume_args
+
+    c = cfg(tmp_path, lr=1e-3, steps=10)
+    saved = {"args": {**_args_dict(c), "steps": 5, "keep": 1, "retired_flag": 1}, "world_size": 1}
+    _check_resume_args(c, saved, tmp_path / "ck", 1)  # steps/keep may change; unknown old keys are ignored
+    assert error(_check_resume_args, cfg(tmp_path, lr=1e-3, steps=10, seed=4), saved, tmp_path / "ck", 1) == (
+        f"--resume: --seed is 4 but {tmp_path / 'ck'} was trained with 0; resume with the same arguments")
+    assert error(_check_resume_args, c, {**saved, "world_size": 2}, tmp_path / "ck", 1) == (
+        f"--resume: {tmp_path / 'ck'} was written by 2 process(es), this run has 1; the data order would differ")
+    # a checkpoint without world_size counts as one process
+    assert "this run has 2; the data order would differ" in error(_check_resume_args, c, {"args": {}},
+                                                                  tmp_path / "ck", 2)
+
+
+def test_progress_bar_and_plain_messages(capsys):
+    from rwkvslice.train.trainer import _Progress
+
+    plain = _Progress(enabled=False, total=5, initial=0)
+    plain.update(1.0, 10.0, 0.5, 1e-3)  # no bar: nothing to draw
+    plain.write("saved step 1")
+    plain.close()
+    assert capsys.readouterr().err == "saved step 1\n"
+
+    bar = _Progress(enabled=True, total=5, initial=2)
+    bar.update(1.23456, 12345.6, 0.25, 1e-3)
+    assert bar.bar.n == 3 and bar.bar.total == 5
+    assert bar.bar.postfix == "loss 1.2346 | 12,346 tok/s | kept 25% | lr 1.00e-03"
+    bar.write("saved step 3")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "saved step 3\n" in err and "3/5" in err
