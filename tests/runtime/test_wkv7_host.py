@@ -215,3 +215,48 @@ def test_build_key_changes_with_the_sources(tmp_path, monkeypatch):
     (src / "wkv7_core.cuh").write_text((src / "wkv7_core.cuh").read_text() + "\n// edited\n")
     assert build.source_hash(build.HOST_SOURCES) != before
     assert build.source_hash(build.HOST_SOURCES, "-O3") != build.source_hash(build.HOST_SOURCES, "-O2")
+
+
+def test_compiler_that_cannot_run_is_a_one_line_error(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-c++"
+    fake.write_bytes(b"\x00\x01 not a program")
+    fake.chmod(0o755)  # executable bit set, so `which` finds it, but the kernel cannot exec it
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("RWKVSLICE_BUILD_DIR", str(tmp_path / "cache"))
+    with pytest.raises(build.KernelBuildError) as e:
+        build.host_library_path()
+    assert str(e.value).startswith(f"cannot run the C++ compiler {fake}: ") and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unusable_build_directory_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file, not a directory")
+    monkeypatch.setenv("RWKVSLICE_BUILD_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(build.KernelBuildError) as e:
+        build.host_library_path()
+    message = str(e.value)
+    assert message.startswith(f"cannot create the kernel build directory {tmp_path / 'file' / 'cache'}: ")
+    assert "\n" not in message
+
+
+def test_library_that_cannot_be_loaded_is_a_one_line_error(tmp_path, monkeypatch):
+    bogus = tmp_path / "wkv7_host-0000.so"
+    bogus.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(build, "host_library_path", lambda: bogus)
+    with pytest.raises(build.KernelBuildError) as e:
+        build.load_host_library.__wrapped__()  # bypass the per-process cache of the real library
+    assert str(e.value).startswith(f"cannot load the WKV-7 host kernel {bogus}: ") and "\n" not in str(e.value)
+
+
+def test_cuda_extension_name_embeds_the_source_hash(tmp_path, monkeypatch):
+    name = build.cuda_extension_name()
+    assert name == "rwkvslice_wkv7_" + build.source_hash(build.CUDA_SOURCES, *build.CUDA_FLAGS)
+    assert len(name) == len("rwkvslice_wkv7_") + 16 and name.isidentifier()
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in build.CUDA_SOURCES:
+        (src / n).write_text((build.SOURCE_DIR / n).read_text())
+    monkeypatch.setattr(build, "SOURCE_DIR", src)
+    assert build.cuda_extension_name() == name
+    (src / "wkv7_cuda.cu").write_text((src / "wkv7_cuda.cu").read_text() + "\n// edited\n")
+    assert build.cuda_extension_name() != name  # an edited kernel gets a new extension, not a stale one
