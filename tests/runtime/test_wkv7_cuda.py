@@ -8,7 +8,8 @@ GPU layer (marker `gpu`; skipped with "no CUDA device" when torch.cuda.is_availa
 - compute-sanitizer memcheck / racecheck / synccheck / initcheck clean on a small shape (subprocess).
 - a bf16 model training step on the GPU against the fp32 CPU path.
 CPU layer: no CUDA -> cuda_backend_available() is False without raising, "auto" falls back to "torch",
-backend="cuda" fails in one line; the torch binding (wkv7_op.cpp) passes a syntax check against torch's
+backend="cuda" fails in one line; a device whose kernel fails to build makes auto warn once and fall back; a
+host library of another chunk length is refused; the torch binding (wkv7_op.cpp) passes a syntax check against torch's
 headers (marker `nvcc`: needs the CUDA toolkit headers).
 """
 
@@ -311,3 +312,33 @@ def test_torch_binding_compiles_against_torch_headers():
             [*cmd, str(build.SOURCE_DIR / "wkv7_op.cpp")], capture_output=True, text=True, timeout=600
         )
     assert proc.returncode == 0, textwrap.shorten(proc.stderr, 4000)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_with_a_one_line_warning(monkeypatch):
+    """A CUDA device is visible but the extension cannot be built: auto must not raise, it warns once with
+    the build error's line and reports the CUDA backend unavailable (simulated device, real code path)."""
+
+    def failing_build():
+        raise build.KernelBuildError("the CUDA WKV-7 kernel needs nvcc: install the CUDA toolkit or set CUDA_HOME")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(wkv7_cuda_module, "_cuda_ops", failing_build)
+    with pytest.warns(UserWarning) as record:
+        assert wkv7_cuda_module.cuda_backend_available.__wrapped__() is False  # bypass the process cache
+    assert [str(w.message) for w in record] == [
+        "rwkvslice: CUDA WKV-7 kernel unavailable, using backend='torch': the CUDA WKV-7 kernel needs nvcc: "
+        "install the CUDA toolkit or set CUDA_HOME"]
+
+
+def test_a_host_library_with_another_chunk_length_is_refused(monkeypatch):
+    chunk = wkv7_cuda_module.CHUNK_LEN
+
+    class StaleLibrary:
+        @staticmethod
+        def rwkvslice_wkv7_chunk_len():
+            return 2 * chunk
+
+    monkeypatch.setattr(wkv7_cuda_module, "load_host_library", lambda: StaleLibrary())
+    with pytest.raises(build.KernelBuildError) as e:
+        wkv7_cuda_module.HostOps._lib()
+    assert str(e.value) == f"host kernel chunk length {2 * chunk} != CHUNK_LEN {chunk}"
