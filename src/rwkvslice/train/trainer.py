@@ -132,9 +132,15 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
     from rwkvslice.model import RWKV7Config
 
     if cfg.model.endswith(".json") or Path(cfg.model).is_file():
-        d = json.loads(Path(cfg.model).read_text()) if Path(cfg.model).is_file() else None
-        if d is None:
+        if not Path(cfg.model).is_file():
             raise ConfigError(f"--model {cfg.model}: no such config file")
+        try:
+            d = json.loads(Path(cfg.model).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--model {cfg.model}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--model {cfg.model}: cannot read it ({exc})") from None
         if isinstance(d, dict):
             d.pop("model_type", None)
             d.setdefault("vocab_size", vocab_size)
@@ -179,7 +185,7 @@ def _check_resume_args(cfg: TrainConfig, saved: dict, ckpt: Path, world_size: in
             raise ConfigError(f"--resume: --{key.replace('_', '-')} is {now[key]!r} but {ckpt} was trained "
                               f"with {value!r}; resume with the same arguments")
     if saved.get("world_size", 1) != world_size:
-        raise ConfigError(f"--resume: {ckpt} was written by {saved.get('world_size')} process(es), "
+        raise ConfigError(f"--resume: {ckpt} was written by {saved.get('world_size', 1)} process(es), "
                           f"this run has {world_size}; the data order would differ")
 
 
