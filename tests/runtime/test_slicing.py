@@ -8,6 +8,8 @@ bf16 autocast 1e-2 (loss) and 3e-2 (gradients).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from rwkvslice.slicing import (
     choose_chunk_size,
     compute_dtype,
     linear_cross_entropy,
+    resolve_impl,
     select_kept,
     sliced_cross_entropy,
     torch_chunked_available,
@@ -447,6 +450,10 @@ def test_out_of_range_targets_raise_a_clear_error(bad):
     for impl in ["chunked", "full"] + (["torch"] if torch_chunked_available() else []):
         with pytest.raises(SlicingError, match=r"target\[6\]"):
             linear_cross_entropy(hidden.reshape(-1, 24), weight, targets.reshape(-1), impl=impl)
+    expected = (
+        f"targets[[1, 2]] = {bad} is out of range for vocab_size 97 (expected 0..96, or -100 for no loss)"
+    )
+    assert str(info.value) == expected
 
 
 def test_bad_arguments_raise_slicing_error():
@@ -598,3 +605,298 @@ def test_low_precision_branch_is_fp16_safe_with_uniform_logits(monkeypatch):
     assert torch.isfinite(gw).all() and torch.isfinite(gx).all()
     assert rel(loss, ref_loss) < 1e-2 and abs(loss.item() - 3 * torch.log(torch.tensor(float(V)))) < 1e-2
     assert rel(gw, ref_gw) < 1e-2
+
+
+# ------------------------------------------------------------------- wiring found by mutation testing
+# Each test below kills mutants that every test above let through (reports/mutation.md). References are
+# hand-computed values or the float64 full-logits reference, never the code under test.
+
+
+def test_resolve_impl_names_the_implementation_that_runs():
+    """The "auto" impl is ours ("chunked"), every other name stands for itself, an unknown one lists all."""
+    assert resolve_impl("auto") == "chunked"
+    assert resolve_impl("chunked") == "chunked"
+    assert resolve_impl("full") == "full"
+    if torch_chunked_available():
+        assert resolve_impl("torch") == "torch"
+    with pytest.raises(SlicingError, match=r"^impl must be one of auto, chunked, torch, full, got 'fast'$"):
+        resolve_impl("fast")
+
+
+def test_torch_impl_needs_both_linear_cross_entropy_and_its_options(monkeypatch):
+    """torch's chunked path needs F.linear_cross_entropy AND nn.LinearCrossEntropyOptions; without
+    either, torch_chunked_available() is False and impl="torch" is a SlicingError naming torch >= 2.13."""
+    with monkeypatch.context() as m:
+        m.delattr(torch.nn, "LinearCrossEntropyOptions", raising=False)
+        assert not torch_chunked_available()
+        with pytest.raises(
+            SlicingError, match=r"^impl='torch' needs F\.linear_cross_entropy .*\(torch >= 2\.13\)"
+        ):
+            resolve_impl("torch")
+    with monkeypatch.context() as m:
+        m.delattr(F, "linear_cross_entropy", raising=False)
+        assert not torch_chunked_available()
+
+
+@pytest.mark.parametrize("impl", ["auto"] + IMPLS)
+def test_each_impl_runs_its_own_path_with_the_requested_chunk_size(monkeypatch, impl):
+    """The impl argument picks the path that runs (our chunked forward, torch's F.linear_cross_entropy,
+    or full logits + F.cross_entropy) and chunk_size reaches it; the value still equals the reference."""
+    ours, theirs = [], []
+    real_forward, real_lce = chunked_module._forward, getattr(F, "linear_cross_entropy", None)
+
+    def spy_forward(x, weight, target, chunk_size, *rest):
+        ours.append(chunk_size)
+        return real_forward(x, weight, target, chunk_size, *rest)
+
+    def spy_lce(*args, options=None, **kwargs):
+        theirs.append(options.batch_chunk_size if options is not None else "no options")
+        return real_lce(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(chunked_module, "_forward", spy_forward)
+    if real_lce is not None:
+        monkeypatch.setattr(F, "linear_cross_entropy", spy_lce)
+    hidden, weight, targets, _ = make_problem(1, 12)
+    loss = linear_cross_entropy(hidden[0], weight, targets[0], impl=impl, chunk_size=5)
+    ref_loss, _, _ = reference(hidden, weight, targets, num_items=1)
+    assert rel(loss, ref_loss) < LOSS_RTOL_FP32
+    expected = {"auto": ([5], []), "chunked": ([5], []), "torch": ([], [5]), "full": ([], [])}[impl]
+    assert (ours, theirs) == expected
+    if impl == "full":
+        assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+
+
+def test_default_impl_of_linear_cross_entropy_is_ours(monkeypatch):
+    """linear_cross_entropy without impl= runs the chunked path (the "auto" default)."""
+    calls = _spy_forward(monkeypatch)
+    hidden, weight, targets, _ = make_problem(1, 6)
+    loss = linear_cross_entropy(hidden[0], weight, targets[0])
+    ref_loss, _, _ = reference(hidden, weight, targets, num_items=1)
+    assert rel(loss, ref_loss) < LOSS_RTOL_FP32 and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "channels", "dtype", "expected"),
+    [
+        (100, 16, torch.float32, 32),
+        (300, 512, torch.bfloat16, 170),
+        (300, 512, torch.float64, 128),
+        (20, 512, torch.float32, 20),
+    ],
+)
+def test_default_chunk_size_follows_the_rule_for_the_compute_dtype(
+    monkeypatch, rows, channels, dtype, expected
+):
+    """Without chunk_size the chunked path gets 2C / bytes-per-logit rows (fp32 4, bf16 2 + 4, fp64 8),
+    at least 32, at most N; hand values: C=16 -> 32 (floor), bf16 C=512 -> 2048 // 12 = 170, fp64 ->
+    128, N=20 -> 20."""
+    seen = []
+    real_forward = chunked_module._forward
+
+    def spy(x, weight, target, chunk_size, *rest):
+        seen.append(chunk_size)
+        return real_forward(x, weight, target, chunk_size, *rest)
+
+    monkeypatch.setattr(chunked_module, "_forward", spy)
+    x = torch.randn(rows, channels, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    weight = torch.randn(5, channels, dtype=x.dtype)
+    target = torch.randint(0, 5, (rows,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        linear_cross_entropy(x, weight, target, impl="chunked")
+    assert seen == [expected]
+    assert choose_chunk_size(1, 65536, 512) == 1  # never more rows than N, even for N = 1
+
+
+def test_argument_errors_name_the_problem():
+    """Each shape / dtype check raises SlicingError with its own message (shapes as given)."""
+    hidden, weight, targets, _ = make_problem(2, 4)
+    x, t = hidden.reshape(8, 24), targets.reshape(8)
+    with pytest.raises(SlicingError, match=r"^x must be \(N, C\), got shape \(2, 4, 24\)$"):
+        linear_cross_entropy(hidden, weight, t)
+    with pytest.raises(SlicingError, match=r"^weight must be \(V, C\), got shape \(24,\)$"):
+        linear_cross_entropy(x, weight[0], t)
+    with pytest.raises(SlicingError, match=r"^target must be \(8,\) to match x, got shape \(5,\)$"):
+        linear_cross_entropy(x, weight, t[:5])
+    with pytest.raises(SlicingError, match=r"^target must hold integer token ids, got dtype torch.float32$"):
+        linear_cross_entropy(x, weight, t.float())
+    with pytest.raises(SlicingError, match=r"^target must hold integer token ids, got dtype torch.bool$"):
+        linear_cross_entropy(x, weight, t > 3)
+    with pytest.raises(SlicingError, match=r"^hidden must be \(B, T, C\), got shape \(8, 24\)$"):
+        select_kept(x, targets)
+    with pytest.raises(SlicingError, match=r"^targets \(2, 3\) must have hidden's \(B, T\) = \(2, 4\)$"):
+        select_kept(hidden, targets[:, :3])
+
+
+def test_second_backward_message_is_exact():
+    hidden, weight, targets, _ = make_problem(1, 3)
+    loss = sliced_cross_entropy(hidden, weight, targets, impl="chunked")
+    loss.backward(retain_graph=True)
+    message = (
+        "chunked linear_cross_entropy: backward ran twice; its gradients are computed in forward and handed "
+        "over once (retain_graph is not supported)"
+    )
+    with pytest.raises(RuntimeError) as info:
+        loss.backward()
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_upstream_gradient_of_exactly_two_scales_the_gradients(impl):
+    """grad_output = 2 (the one value next to the skip-if-1 shortcut): gradients are twice the reference."""
+    hidden, weight, targets, _ = make_problem(1, 7, seed=4)
+    x = hidden.detach()[0].requires_grad_()
+    total = linear_cross_entropy(x, weight, targets[0], impl=impl, chunk_size=3)
+    gx, gw = torch.autograd.grad(total, (x, weight), grad_outputs=torch.tensor(2.0))
+    _, rh, rw = reference(hidden, weight, targets, num_items=1)
+    assert rel(gx, 2.0 * rh[0]) < GRAD_RTOL_FP32 and rel(gw, 2.0 * rw) < GRAD_RTOL_FP32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_inputs_give_a_float64_loss_for_every_impl(impl):
+    """fp64 hidden and weight: a float64 loss equal to the float64 reference to 1e-12, every impl."""
+    hidden, weight, targets, g = make_problem(2, 6)
+    hidden = hidden.detach().double().requires_grad_()
+    weight = weight.detach().double().requires_grad_()
+    targets = masked(targets, keep_mask("random", 2, 6, g))
+    loss = sliced_cross_entropy(hidden, weight, targets, chunk_size=2, impl=impl)
+    gh, gw = grads(loss, hidden, weight)
+    ref_loss, ref_gh, ref_gw = reference(hidden, weight, targets)
+    assert loss.dtype == torch.float64
+    assert rel(loss, ref_loss) < 1e-12 and rel(gh, ref_gh) < 1e-12 and rel(gw, ref_gw) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_weight_with_fp32_hidden_computes_in_fp32(impl):
+    """A bf16 head with fp32 hidden (no autocast) promotes to fp32: fp32 tolerances against the float64
+    reference on the bf16 weight values; the weight gradient comes back in bf16 (max-normalised 1e-2:
+    only its final rounding)."""
+    hidden, weight, targets, g = make_problem(2, 9, seed=12)
+    targets = masked(targets, keep_mask("random", 2, 9, g))
+    w = weight.detach().bfloat16().requires_grad_()
+    loss = sliced_cross_entropy(hidden, w, targets, impl=impl, chunk_size=4)
+    gh, gw = grads(loss, hidden, w)
+    ref_loss, ref_gh, ref_gw = reference(hidden, w, targets)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.float32 and gw.dtype == torch.bfloat16
+    assert rel(loss, ref_loss) < LOSS_RTOL_FP32
+    assert rel(gh, ref_gh) < GRAD_RTOL_FP32
+    assert rel(gw, ref_gw) < 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("hidden_dtype", "weight_dtype", "loss_dtype"),
+    [(torch.float64, torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16, torch.float32)],
+)
+def test_all_ignored_batch_zero_has_the_loss_dtype(impl, hidden_dtype, weight_dtype, loss_dtype):
+    """The connected exact zero of an all-ignored batch has the dtype a real loss would have: fp64 for
+    fp64 inputs, fp32 for bf16 ones; gradients are exact zeros in the inputs' dtypes."""
+    hidden, weight, _, _ = make_problem(2, 3)
+    h = hidden.detach().to(hidden_dtype).requires_grad_()
+    w = weight.detach().to(weight_dtype).requires_grad_()
+    loss = sliced_cross_entropy(h, w, torch.full((2, 3), IGNORE), impl=impl)
+    assert loss.dtype == loss_dtype and loss.item() == 0.0
+    gh, gw = grads(loss, h, w)
+    assert torch.equal(gh, torch.zeros_like(h)) and torch.equal(gw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize(
+    "items", [torch.tensor(40, dtype=torch.int64), torch.tensor(40.0, dtype=torch.float64)]
+)
+def test_tensor_num_items_keeps_an_fp32_loss(items):
+    """A tensor num_items (int64 or fp64, e.g. an all-reduced count) divides the fp32 sum without
+    promoting the loss to its dtype: fp32, equal to sum / 40 of the float64 reference."""
+    hidden, weight, targets, _ = make_problem(2, 6)
+    loss = sliced_cross_entropy(hidden, weight, targets, num_items=items)
+    ref_loss, _, _ = reference(hidden, weight, targets, num_items=40)
+    assert loss.dtype == torch.float32 and rel(loss, ref_loss) < LOSS_RTOL_FP32
+
+
+@pytest.mark.parametrize("impl", ["chunked", "full"])
+def test_zero_channels_give_log_vocab_per_row(impl):
+    """C = 0: every logit is 0, so each kept row costs exactly log V (hand value 3 log 5), not the
+    all-ignored zero."""
+    loss = linear_cross_entropy(torch.zeros(3, 0), torch.zeros(5, 0), torch.tensor([0, 4, 2]), impl=impl)
+    assert abs(loss.item() - 3 * math.log(5)) < 1e-6
+
+
+def _fake_fp32_out_addmm(monkeypatch, supported=(torch.bfloat16,), accumulate=True):
+    """Replace torch.addmm by what a CUDA build with addmm(out_dtype=float32) does, on CPU: for `supported`
+    2-D input dtypes, out (fp32, same shape) = input + mat1 @ mat2 in fp32. Any other call behaves like
+    torch's own checks: TypeError for a missing / non-tensor argument, RuntimeError for a wrong shape or
+    dtype. accumulate=False models a broken kernel that drops `input` (beta = 0). Returns the list of
+    input dtypes of the fp32-out calls."""
+    real = torch.addmm
+    calls = []
+
+    def addmm(input, mat1, mat2, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real(input, mat1, mat2, out=out) if out is not None else real(input, mat1, mat2)
+        if not all(isinstance(t, torch.Tensor) for t in (input, mat1, mat2)):
+            raise TypeError("addmm: expected tensors")
+        if out_dtype != torch.float32 or mat1.dtype not in supported or mat2.dtype not in supported:
+            raise RuntimeError(f"addmm: out_dtype {out_dtype} not supported for {mat1.dtype} inputs")
+        if mat1.dim() != 2 or mat2.dim() != 2:
+            raise RuntimeError("addmm: mat1 and mat2 must be matrices")
+        res = mat1.float() @ mat2.float()
+        if accumulate:
+            res = input.float() + res
+        calls.append(mat1.dtype)
+        if out is None:
+            return res
+        if out.dtype != torch.float32 or out.shape != res.shape:
+            raise RuntimeError("addmm: out must be fp32 with the result's shape")
+        return out.copy_(res)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(chunked_module, "_FP32_OUT_ADDMM", {})
+    return calls
+
+
+def test_fp32_out_addmm_probe(monkeypatch):
+    """_has_fp32_out_addmm says True only where addmm(out_dtype=float32, out=fp32) accumulates
+    1 + [1 1] @ [1 1]^T = 3 for that input dtype: False on this CPU torch (no addmm.dtype_out), True /
+    False per dtype on a device that has it for bf16 only (answers cached per device and dtype), False
+    for a kernel that overwrites instead of accumulating."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(chunked_module, "_FP32_OUT_ADDMM", {})
+    assert chunked_module._has_fp32_out_addmm(cpu, torch.bfloat16) is False
+
+    calls = _fake_fp32_out_addmm(monkeypatch, supported=(torch.bfloat16,))
+    assert chunked_module._has_fp32_out_addmm(cpu, torch.bfloat16) is True
+    assert chunked_module._has_fp32_out_addmm(cpu, torch.float16) is False
+    assert chunked_module._has_fp32_out_addmm(cpu, torch.bfloat16) is True
+    assert calls == [torch.bfloat16]  # probed once per (device, dtype); fp16 was refused before the call
+
+    _fake_fp32_out_addmm(monkeypatch, supported=(torch.bfloat16,), accumulate=False)
+    assert chunked_module._has_fp32_out_addmm(cpu, torch.bfloat16) is False
+
+
+def test_fp32_out_addmm_branch_on_cpu(monkeypatch):
+    """The CUDA branch where grad_W accumulates bf16 GEMMs into fp32 via addmm(out_dtype=float32), run on
+    CPU with that addmm emulated: one fp32-out addmm per chunk (after the probe), and loss / gradients
+    within the bf16 tolerances of the float64 reference."""
+    monkeypatch.setattr(chunked_module, "LOW_PRECISION_GRAD_GEMM_DEVICES", ("cpu", "cuda"))
+    calls = _fake_fp32_out_addmm(monkeypatch, supported=(torch.bfloat16,))
+    hidden, weight, targets, g = make_problem(3, 20, C=64, V=300, seed=5)
+    targets = masked(targets, keep_mask("prompt_prefix", 3, 20, g))
+    kept = int((targets != IGNORE).sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sliced_cross_entropy(hidden, weight, targets, impl="chunked", chunk_size=8)
+    gh, gw = grads(loss, hidden, weight)
+    ref_loss, ref_gh, ref_gw = reference(hidden, weight, targets)
+    assert calls == [torch.bfloat16] * (1 + -(-kept // 8))
+    assert gw.dtype == torch.float32
+    assert rel(loss, ref_loss) < LOSS_RTOL_BF16
+    assert rel(gh, ref_gh) < GRAD_RTOL_BF16
+    assert rel(gw, ref_gw) < GRAD_RTOL_BF16
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_targets_are_accepted_by_linear_cross_entropy(impl):
+    """int32 target ids (not only int64) work in every impl and give the float64 reference's sum (torch
+    2.5's gather / cross_entropy only take int64 indices, so the ids must be converted)."""
+    hidden, weight, targets, g = make_problem(1, 9, seed=6)
+    targets = masked(targets, keep_mask("random", 1, 9, g))
+    loss = linear_cross_entropy(hidden[0], weight, targets[0].to(torch.int32), impl=impl, chunk_size=4)
+    ref_loss, _, _ = reference(hidden, weight, targets, num_items=1)
+    assert rel(loss, ref_loss) < LOSS_RTOL_FP32

@@ -170,3 +170,83 @@ def test_plot_loss(tmp_path):
     note = plot_loss(path, tmp_path / "loss.png")
     assert note.startswith("wrote")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------- found by mutation testing (mutmut)
+
+
+def test_default_keep_is_three_and_keep_one_keeps_only_the_newest(tmp_path, parts):
+    """save_checkpoint without keep= keeps the newest 3; keep=1 keeps exactly the newest one."""
+    model, opt = parts
+    state = {"schedule": {}, "loader": {}, "rng": []}
+    for step in (1, 2, 3, 4, 5):
+        ck.save_checkpoint(tmp_path / "a", step, model=model, optimizer=opt, trainer_state=state, run_info={})
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "a")] == [3, 4, 5]
+    for step in (1, 2, 3):
+        _save(tmp_path / "b", step, model, opt, keep=1)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "b")] == [3]
+
+
+def test_run_json_is_indented_and_stringifies_other_values(tmp_path, parts):
+    """run.json is human-readable (one key per line, 2-space indent) and values JSON cannot hold (a Path)
+    are written as their str()."""
+    model, opt = parts
+    path = ck.save_checkpoint(tmp_path, 4, model=model, optimizer=opt, trainer_state={},
+                              run_info={"data": tmp_path / "train.bin"})
+    text = (path / "run.json").read_text()
+    assert text == '{\n  "data": "' + str(tmp_path / "train.bin") + '",\n  "step": 4\n}\n'
+
+
+def _undeletable_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
+    """shutil.rmtree on a file system where nothing can be deleted (root cannot simulate that with
+    permissions): an error unless ignore_errors, and nothing removed either way."""
+    if not ignore_errors:
+        raise PermissionError(f"simulated: cannot delete {path}")
+
+
+def test_failed_deletes_never_fail_training(tmp_path, parts, monkeypatch):
+    """Deleting old checkpoints, stale temporaries or a failed save's temporary directory may fail: the
+    save still succeeds (the old checkpoint is already renamed out of the listing), clean_stale does not
+    raise, and a failing save re-raises its own error, not the cleanup's."""
+    model, opt = parts
+    _save(tmp_path, 1, model, opt, keep=1)
+    monkeypatch.setattr(ck.shutil, "rmtree", _undeletable_rmtree)
+    _save(tmp_path, 2, model, opt, keep=1)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2]
+    assert any(p.name.startswith(".trash-step-00000001") for p in tmp_path.iterdir())
+    ck.clean_stale(tmp_path)
+
+    def crash(*args):
+        raise OSError("simulated power cut")
+
+    monkeypatch.setattr(ck.os, "rename", crash)
+    with pytest.raises(OSError, match="power cut"):
+        _save(tmp_path, 3, model, opt, keep=1)
+
+
+def test_load_refuses_pickled_objects_and_names_the_error(tmp_path, parts):
+    """optimizer.pt / trainer_state.pt are loaded with weights_only=True: a file holding an arbitrary
+    pickled object (here a fractions.Fraction) is a CheckpointError naming UnpicklingError, not loaded."""
+    import fractions
+
+    model, opt = parts
+    for name in ("optimizer.pt", "trainer_state.pt"):
+        path = _save(tmp_path / name, 3, model, opt)
+        torch.save({"state": {}, "evil": fractions.Fraction(1, 3)}, path / name)
+        with pytest.raises(CheckpointError, match=r"cannot read checkpoint: UnpicklingError"):
+            ck.load_trainer_files(path)
+
+
+def test_load_trainer_files_uses_map_location_for_the_optimizer(tmp_path, parts):
+    """map_location is applied to the optimizer state (moments go to the training device on resume)."""
+    model, opt = parts
+    path = _save(tmp_path, 3, model, opt)
+    seen = []
+
+    def record(storage, location):
+        seen.append(location)
+        return storage
+
+    optim_state, _, _ = ck.load_trainer_files(path, map_location=record)
+    assert seen and set(seen) == {"cpu"}
+    assert len(optim_state["state"]) == len(opt.state_dict()["state"])
