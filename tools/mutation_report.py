@@ -2,9 +2,10 @@
 
 Score = (killed + timeout) / (mutants - skipped), mutmut's own definition (`mutmut badge`). A surviving
 mutant is a change of behaviour no CPU runtime test noticed; each one is listed with its diff, unless
-tools/mutation_equivalent.json lists it as equivalent (no observable behaviour change on the measured
-configuration), in which case it is listed with that reason. Equivalent mutants still count as survivors
-in the score; a second score leaves them out. Modules with no checked mutant are reported as not run.
+tools/mutation_equivalent.json documents it (equivalent: no observable behaviour change on the measured
+configuration; or accepted, e.g. memory-only or last-bit changes, said so in its reason), in which case it is
+listed with that reason. Documented mutants still count as survivors in the score; a second score leaves
+them out. Modules with no checked mutant are reported as not run.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", default="nox -s mutation", help="the command that produced the results")
     ap.add_argument("--max-diffs", type=int, default=80)
     ap.add_argument(
+        "--note", default="", help="a sentence about the run (e.g. its wall time), added after the header"
+    )
+    ap.add_argument(
         "--equivalent",
         default="tools/mutation_equivalent.json",
         help='JSON file whose "equivalent" object maps surviving mutant names to why they are equivalent',
@@ -138,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.machine()} with {__import__('os').cpu_count()} CPUs. Mutated: the core logic listed in "
         "pyproject [tool.mutmut] only_mutate; tests: the CPU runtime tests (`tests/runtime -m 'not gpu and not "
         "slow'`), only those that execute the mutated function.",
+        *(["", args.note] if args.note else []),
         "",
         f"**Score: {score(totals)}** (killed + timeout) / (mutants - skipped - not run), over the modules "
         f"that were run; **{score(totals, without_equivalent=True)}** leaving out the {totals['equivalent']} "
-        "survivors documented as equivalent below. Goal: >= 85 %.",
+        "survivors documented below (equivalent on this configuration, or accepted with the reason given). "
+        "Goal: >= 85 %.",
         "",
-        "| File | Mutants | Killed | Timeout | Survived | of which equivalent | No tests | Not run / other | Score "
-        "| Score without equivalent |",
+        "| File | Mutants | Killed | Timeout | Survived | of which documented | No tests | Not run / other | Score "
+        "| Score without documented |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -166,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "Not run (no mutant checked, not a 0 % score): " + ", ".join(f"`{s}`" for s in not_run) + ".",
         ]
-    lines += ["", f"## Equivalent survivors ({len(equivalents)})", ""]
+    lines += ["", f"## Documented survivors ({len(equivalents)})", ""]
     if equivalents:
         lines.append(
-            "Survivors whose change no test can observe on the measured configuration (CPU, this torch), with "
-            "the reason; listed in tools/mutation_equivalent.json. `mutmut show NAME` prints the diff."
+            "Survivors whose change no test can observe on the measured configuration (CPU, this torch), or that "
+            "are accepted (the reason says so), listed in tools/mutation_equivalent.json. `mutmut show NAME` "
+            "prints the diff."
         )
         lines.append("")
     lines += [f"- `{name}`: {equivalent[name]}" for name in equivalents]
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 8 + len(per_file)]))
+    print("\n".join(lines[: 8 + (2 if args.note else 0) + len(per_file)]))
     return 0
 
 
