@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from rwkvslice.data import BinIdx, build_dataset, get_tokenizer
 
 
@@ -45,7 +47,12 @@ def test_broken_jsonl_line_three(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl"]  # nothing half-written
 
 
-def test_bad_inputs_exit_2(tmp_path):
+def test_bad_inputs_exit_2(tmp_path, monkeypatch, capsys):
+    """In-process through the CLI's main() (the subprocess tests above cover the real entry point and its
+    exit status; one `import torch` per case would cost seconds each)."""
+    from rwkvslice.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": 3}) + "\n")
@@ -57,7 +64,10 @@ def test_bad_inputs_exit_2(tmp_path):
         (("empty.txt", "--out", "nodir/p"), ["no such folder"]),
     ]
     for args, expected in cases:
-        assert_one_line_exit_2(run_cli("data", "prepare", *args, cwd=tmp_path), *expected)
-    usage = run_cli("data", "prepare", "x.txt", "--out", "p", "--tokenizer", "gpt2", cwd=tmp_path)
-    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+        rc = main(["data", "prepare", *args])
+        err = capsys.readouterr().err
+        assert_one_line_exit_2(subprocess.CompletedProcess(args, rc, "", err), *expected)
+    with pytest.raises(SystemExit) as usage:  # argparse's own usage error
+        main(["data", "prepare", "x.txt", "--out", "p", "--tokenizer", "gpt2"])
+    assert usage.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "sft.jsonl"]
