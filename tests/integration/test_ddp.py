@@ -142,6 +142,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
             assert torch.equal(ranks[0][k], ranks[1][k]), k
 
 
+@pytest.mark.slow  # 20-50 s of subprocesses: integration runs it; the torch matrix skips it
 def test_cli_under_torchrun_env_matches_single_process(tmp_path):
     """`rwkvslice train` with torchrun's env: rank 0 alone writes; losses equal a 1-process 2b run."""
     data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")

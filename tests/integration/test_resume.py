@@ -140,6 +140,7 @@ def _metric_lines(out):
     return len(p.read_text().splitlines()) if p.is_file() else 0
 
 
+@pytest.mark.slow  # 20-50 s of subprocesses: integration runs it; the torch matrix skips it
 def test_sigkill_at_a_random_moment_then_resume(tmp_path):
     data = DemoTask(seed=2).write_jsonl(tmp_path / "train.jsonl", 40, "train")
     env = dict(os.environ)
