@@ -19,20 +19,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-
-def source_version() -> str:
-    """The commit the measured code came from, and whether src/ or tests/ had uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "tests"], capture_output=True, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
-    return f"commit {head.stdout.strip()}" + (" + uncommitted changes" if dirty.stdout.strip() else "")
-
+from coverage_table import source_version  # tools/ is sys.path[0] when run as a script
 
 # mutmut's exit-code meanings (mutmut.stats.status_by_exit_code, mutmut 3.8)
 STATUS = {

@@ -46,6 +46,7 @@ def test_validate_names_the_flag(tmp_path, kw, message):
 
 
 def test_validate_accepts_the_edges(tmp_path):
+    # checks that the boundary values themselves are valid: validate() raises ConfigError otherwise
     validate(cfg(tmp_path, ctx_len=2, save_every=0, min_lr=0.0, warmup_steps=0, grad_clip=0.0, num_workers=0))
     validate(cfg(tmp_path, lr=1e-3, min_lr=1e-3))  # min_lr == lr: a constant schedule
 
