@@ -177,12 +177,13 @@ class TimeMix(nn.Module):
         kk = (kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)).view(B, C)
         k = torch.addcmul(k, k * (a - 1), p["k_a"].view(C))  # k * (1 + (a - 1) * k_a)
 
-        # S' = S diag(decay) - (S kk)(kk a)^T + v k^T per head, S in [value][key] layout, fp32
-        decay = torch.exp(torch.sigmoid(z) * -math.exp(-0.5))
+        # S' = S diag(decay) - (S kk)(kk a)^T + v k^T per head, S in [value][key] layout, fp32. The decay
+        # is computed in fp32 too: near 1, bf16 (spacing 2^-8) would round 0.999 to 1 and stop the decay.
         if x.dtype != torch.float32:
-            r32, k32, v32, kk32, a32, decay = (t.float() for t in (r, k, v, kk, a, decay))
+            r32, k32, v32, kk32, a32, z = (t.float() for t in (r, k, v, kk, a, z))
         else:
             r32, k32, v32, kk32, a32 = r, k, v, kk, a
+        decay = torch.exp(torch.sigmoid(z) * -math.exp(-0.5))
         S, S_new = wkv_in.view(B * H, N, N), wkv_out.view(B * H, N, N)
         s_kk = torch.bmm(S, kk32.view(B * H, N, 1))
         torch.mul(S, decay.view(B * H, 1, N), out=S_new)
