@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from rwkvslice.data import build_dataset, write_binidx
+from rwkvslice.data import build_dataset, encode_chat_prompt, encode_record, get_tokenizer, write_binidx
 from rwkvslice.data.prepare import prepare
 from rwkvslice.errors import ConfigError, DataError, RWKVSliceError
 
@@ -219,3 +219,34 @@ def test_unreadable_file_names_the_reason(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(path), "read_bytes", read_bytes)  # root can read any file, so simulate it
     assert one_line_error(DataError, build_dataset, path, "byte", 16) == f"{path}: cannot read (Permission denied)"
+
+
+def test_invalid_utf8_after_a_leading_newline_is_on_line_two(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"\n\xff\n")  # byte 0 is a newline, so the bad byte 1 is on line 2
+    assert one_line_error(DataError, build_dataset, path, "byte", 16) == (
+        f"{path}:2: invalid UTF-8 (invalid start byte at byte 1)")
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"text": {"a": 1}}, 'w: field "text" must be a string, got object'),
+        ({"text": True}, 'w: field "text" must be a string, got boolean'),
+        ({"text": 1.5}, 'w: field "text" must be a string, got number'),
+        ({"text": ("a",)}, 'w: field "text" must be a string, got tuple'),  # a Python caller's non-JSON value
+        ({"messages": [], "text": "a"}, "w: record mixes kinds (messages, text); use one kind per record"),
+        ({"messages": ["hi"]}, "w: messages[0] must be an object, got string"),
+        ({"messages": [{"content": "x"}]}, 'w: messages[0]: record is missing the field "role"'),
+    ],
+)
+def test_encode_record_errors_name_the_type_and_place(record, expected):
+    assert one_line_error(DataError, encode_record, record, get_tokenizer("byte"), "w") == expected
+
+
+def test_encode_record_errors_default_to_record_and_chat_prompt_to_messages():
+    tok = get_tokenizer("byte")
+    assert one_line_error(DataError, encode_record, {}, tok) == (
+        'record: record needs "text", "prompt" and "response", or "messages"')
+    assert one_line_error(DataError, encode_chat_prompt, [{"role": "bot", "content": "x"}], tok) == (
+        "messages: messages[0]: role must be one of system, user, assistant, got 'bot'")

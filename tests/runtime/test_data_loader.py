@@ -6,10 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from rwkvslice.data import ResumableLoader, build_dataset
+from rwkvslice.data import ResumableLoader, build_dataset, collate
 from rwkvslice.errors import ConfigError
 
 
@@ -154,3 +155,56 @@ def test_num_workers_gives_the_same_batches_and_position(tmp_path):
     # workers prefetch ahead, but the position counts only the batches handed out
     assert workers.state_dict() == plain.state_dict()
     del it
+
+
+def test_collate_casts_both_idx_and_targets_to_int64():
+    items = [(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3, 4], dtype=torch.int32)),
+             (torch.tensor([5, 6], dtype=torch.int16), torch.tensor([7, 8], dtype=torch.int16))]
+    idx, targets = collate(items)
+    assert idx.dtype == targets.dtype == torch.int64
+    assert idx.tolist() == [[1, 2], [5, 6]] and targets.tolist() == [[3, 4], [7, 8]]
+
+
+def test_the_default_seed_is_zero():
+    # epoch 0 visits the windows in numpy.random.default_rng([seed, 0]).permutation(N) (module docstring)
+    order = np.random.default_rng([0, 0]).permutation(12).tolist()
+    assert take(ResumableLoader(Numbered(12), 4), 3) == [order[0:4], order[4:8], order[8:12]]
+
+
+class WhereLoaded(torch.utils.data.Dataset):
+    """Window i is int32 (i, i) / (w, w), w = 1 when it is loaded in a DataLoader worker, else 0."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        w = int(torch.utils.data.get_worker_info() is not None)
+        return torch.tensor([i, i], dtype=torch.int32), torch.tensor([w, w], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_workers", [None, 0, 1])
+def test_num_workers_zero_loads_in_this_process_and_more_in_workers(num_workers):
+    kwargs = {} if num_workers is None else {"num_workers": num_workers}
+    loader = ResumableLoader(WhereLoaded(), 2, seed=0, **kwargs)
+    batch = next(iter(loader))
+    assert type(batch) is tuple and len(batch) == 2  # our collate, not DataLoader's default (a list)
+    idx, where = batch
+    assert idx.dtype == where.dtype == torch.int64  # cast by collate also in the workers
+    assert where.tolist() == [[int(bool(num_workers))] * 2] * 2  # the default (None) is 0: no workers
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+    ({"batch_size": 2.0}, "batch_size must be an integer >= 1, got 2.0"),
+    ({"world_size": 0}, "world_size must be an integer >= 1, got 0"),
+    ({"world_size": True}, "world_size must be an integer >= 1, got True"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+    ({"num_workers": 1.5}, "num_workers must be an integer >= 0, got 1.5"),
+    ({"rank": True, "world_size": 2}, "rank must be in [0, world_size=2), got True"),
+    ({"rank": 1.0, "world_size": 2}, "rank must be in [0, world_size=2), got 1.0"),
+])
+def test_bad_setting_types_and_values_name_the_setting(kwargs, expected):
+    kwargs = {"batch_size": 2} | kwargs
+    with pytest.raises(ConfigError) as err:
+        ResumableLoader(Numbered(50), **kwargs)
+    assert str(err.value) == expected

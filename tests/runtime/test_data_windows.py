@@ -12,7 +12,8 @@ import logging
 import pytest
 import torch
 
-from rwkvslice.data import build_dataset, get_tokenizer
+from rwkvslice.data import build_dataset, encode_record, get_tokenizer, write_binidx
+from rwkvslice.data.records import text_documents
 from rwkvslice.data.windows import IGNORE_INDEX, PAD_ID
 
 X = IGNORE_INDEX
@@ -209,3 +210,78 @@ def test_chat_prompt_for_inference_ends_with_the_assistant_header():
     ids, loss = encode_record({"messages": messages + [{"role": "assistant", "content": "yo"}]}, tok)
     assert ids == prompt + [ord(c) + 1 for c in " yo"] + [0]
     assert loss == [False] * len(prompt) + [True] * 4
+
+
+def test_encode_record_masks_by_hand():
+    tok = get_tokenizer("byte")
+    assert encode_record({"text": "ab"}, tok) == ([A, B, EOD], [False, True, True])
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    ids = [ord(ch) + 1 for ch in "User: a\n\nAssistant: b"] + [EOD]
+    # "User: a\n\n" (9) and "Assistant:" (10) are not trained, " b" and the eod are
+    assert encode_record(chat, tok) == (ids, [False] * 19 + [True] * 3)
+
+
+class OneTokenPerPiece:
+    """Encodes any string as the single token len(s): "Assistant:" is one token."""
+
+    eod_id = 0
+
+    def encode(self, text):
+        return [len(text)]
+
+
+def test_a_chat_opening_with_a_one_token_assistant_header_trains_the_reply():
+    ids, loss = encode_record({"messages": [{"role": "assistant", "content": "x"}]}, OneTokenPerPiece())
+    assert (ids, loss) == ([10, 2, 0], [False, True, True])  # only the header (token 0) is untrained
+
+
+def test_text_documents_give_the_first_line_number_and_joined_lines(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"a\n\n\nb\r\nc\n")
+    assert list(text_documents(path)) == [(1, "a"), (4, "b\nc")]
+
+
+def test_negative_window_indices_reach_the_first_window(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij\n")  # 11 tokens, ctx_len 4 -> 3 windows
+    ds = build_dataset(path, "byte", 4)
+    assert len(ds) == 3 and ds.bounds(-3) == ds.bounds(0) == (0, 5)
+    assert windows(ds)[0] == (ds[-3][0].tolist(), ds[-3][1].tolist())
+
+
+def test_a_two_token_stream_is_one_window_and_its_stats(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("a\n")  # a eod
+    ds = build_dataset(path, "byte", 2)
+    assert windows(ds) == [([A, PAD_ID], [EOD, X])]
+    assert ds.stats == {"format": "txt", "ctx_len": 2, "pack": True, "samples": 1, "truncated": 0,
+                        "truncated_tokens": 0, "skipped_no_loss": 0, "windows": 1, "tokens": 1,
+                        "kept_tokens": 1, "padding": 1}
+
+
+def test_binidx_stats_say_binidx(tmp_path):
+    write_binidx(tmp_path / "b", [[5, 6, 7]], vocab_size=320)
+    ds = build_dataset(tmp_path / "b", "byte", 2)
+    assert windows(ds) == [([5, 6], [6, 7])]
+    assert ds.stats == {"format": "binidx", "ctx_len": 2, "pack": True, "samples": 1, "truncated": 0,
+                        "truncated_tokens": 0, "skipped_no_loss": 0, "windows": 1, "tokens": 2,
+                        "kept_tokens": 2, "padding": 0}
+
+
+def test_summary_gives_the_trained_share_of_positions(tmp_path):
+    ds = build_dataset(jsonl(tmp_path, {"prompt": "ab", "response": "c"}), "byte", 5)  # 2 targets in 5
+    assert ds.summary() == ("1 windows of ctx_len 5 from 1 samples (jsonl); 0 truncated, 0 skipped without "
+                            "loss tokens; 2 trained targets (40.0% of positions)")
+
+
+def test_truncated_and_skipped_samples_are_counted_and_logged(tmp_path, caplog):
+    no_reply = {"messages": [{"role": "user", "content": "a"}]}  # "User: a\n\n": 9 tokens, no loss
+    path = jsonl(tmp_path, {"text": "a" * 10}, no_reply, {"text": "b" * 12}, no_reply)  # 11 and 13 tokens
+    with caplog.at_level(logging.WARNING, logger="rwkvslice.data"):
+        ds = build_dataset(path, "byte", 8)  # windows of at most 9 tokens: cuts 2 and 4 tokens
+    s = ds.stats
+    assert (s["samples"], s["truncated"], s["truncated_tokens"], s["skipped_no_loss"]) == (4, 2, 6, 2)
+    assert (s["windows"], s["tokens"], s["kept_tokens"], s["padding"]) == (2, 16, 16, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 2 windows of ctx_len 8 from 4 samples (jsonl); 2 truncated, 2 skipped without loss "
+        f"tokens; 16 trained targets (100.0% of positions)"]
