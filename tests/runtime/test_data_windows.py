@@ -237,8 +237,8 @@ def test_a_chat_opening_with_a_one_token_assistant_header_trains_the_reply():
 
 def test_text_documents_give_the_first_line_number_and_joined_lines(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_bytes(b"a\n\n\nb\r\nc\n")
-    assert list(text_documents(path)) == [(1, "a"), (4, "b\nc")]
+    path.write_bytes(b"a\nb\n\n\nc\r\nd")  # the last document ends the file (no newline after it)
+    assert list(text_documents(path)) == [(1, "a\nb"), (5, "c\nd")]
 
 
 def test_negative_window_indices_reach_the_first_window(tmp_path):
