@@ -46,9 +46,11 @@ def test_validate_names_the_flag(tmp_path, kw, message):
 
 
 def test_validate_accepts_the_edges(tmp_path):
-    # checks that the boundary values themselves are valid: validate() raises ConfigError otherwise
-    validate(cfg(tmp_path, ctx_len=2, save_every=0, min_lr=0.0, warmup_steps=0, grad_clip=0.0, num_workers=0))
-    validate(cfg(tmp_path, lr=1e-3, min_lr=1e-3))  # min_lr == lr: a constant schedule
+    # the boundary values themselves are valid: validate() would raise ConfigError on any of them
+    edges = cfg(tmp_path, ctx_len=2, save_every=0, min_lr=0.0, warmup_steps=0, grad_clip=0.0, num_workers=0,
+                grad_checkpoint_len=1)
+    assert validate(edges) is None
+    assert validate(cfg(tmp_path, lr=1e-3, min_lr=1e-3)) is None  # min_lr == lr: a constant schedule
 
 
 def test_defaults_of_min_lr_and_warmup(tmp_path):

@@ -30,11 +30,11 @@ def resolve_impl(impl: str) -> str:
     """The implementation "auto" stands for.
 
     "auto" -> "chunked" (ours) everywhere. Rule from reports/bench-loss.md (CPU, torch 2.13, fp32,
-    V=65536, C=512, B x T=4096, medians of 3 fresh processes): ours was both leaner and faster than
+    V=65536, C=512, B x T=4096, fresh process per configuration): ours was both leaner and faster than
     torch's chunked F.linear_cross_entropy at every kept density measured. Head + loss only, peak
-    memory ours/torch 0.74 / 0.76 / 0.70 and time 0.34 / 0.15 / 0.07 at 100 / 25 / 5 % kept (torch's
+    memory ours/torch 0.74 / 0.76 / 0.70 and CPU time 0.41 / 0.14 / 0.06 at 100 / 25 / 5 % kept (torch's
     CPU fp32 default chunks 16 rows at N=4096 and 1-4 rows below, so its GEMMs turn memory-bound);
-    whole 2-layer model step, memory 0.95 / 0.97 / 0.97 and time 0.53 / 0.41 / 0.35. So torch's path
+    whole 2-layer model step, memory 0.95 / 0.97 / 0.97 and CPU time 0.51 / 0.35 / 0.41. So torch's path
     is never picked here, and older torch lacks it. CUDA is not measured yet (no GPU in this project's
     runs); ours stays the default there until a measurement says otherwise.
     """
