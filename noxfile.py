@@ -126,6 +126,10 @@ def _slug(session: nox.Session) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", session.name).strip("-")
 
 
+# Extra fields a session adds to its status record (e.g. the torch version its environment holds).
+_STATUS_EXTRA: dict[str, dict[str, str]] = {}
+
+
 def _write_status(session: nox.Session, layer: str, result: str, reason: str, started: float) -> None:
     STATUS_DIR.mkdir(parents=True, exist_ok=True)
     record = {
@@ -137,6 +141,7 @@ def _write_status(session: nox.Session, layer: str, result: str, reason: str, st
         "run_id": RUN_ID,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
+        **_STATUS_EXTRA.pop(session.name, {}),
     }
     (STATUS_DIR / f"{_slug(session)}.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -212,6 +217,11 @@ def _pytest(session: nox.Session, layer: str, *args: str, env: dict[str, str], c
 def _install_torch_layer(session: nox.Session, torch_version: str) -> None:
     # torch pinned in the same resolve as the package so `torch` (unpinned in pyproject) can't float.
     session.install(f"torch=={torch_version}", "-e", f".[{EXTRAS}]", *TEST_DEPS)
+    # The version the environment really holds (`-R` skips installs): from its metadata, no torch import.
+    probe = "import importlib.metadata as m; print(m.version('torch'))"
+    installed = str(session.run("python", "-c", probe, silent=True) or "").strip()
+    _STATUS_EXTRA[session.name] = {"torch": installed}
+    session.log(f"torch {installed}")
 
 
 @nox.session(default=True)
@@ -288,9 +298,36 @@ def integration(session: nox.Session) -> None:
     _pytest(session, "integration", "tests/integration", "-m", "not gpu", *_parallel(env), env=env)
 
 
+def _ran_in_this_run(torch: str) -> str | None:
+    """Did e2e_cpu and integration both pass in this `nox` invocation on this same torch? Then they already
+    ran every test of this matrix leg (theirs are a superset: the matrix leaves out only `slow` tests), in
+    the same interpreter and package set. Returns a note saying so, or None."""
+    records = {}
+    for name in ("e2e_cpu", "integration"):
+        path = STATUS_DIR / f"{name}.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if record.get("run_id") != RUN_ID or record.get("result") != "success" or record.get("torch") != torch:
+            return None
+        records[name] = record
+    return (
+        f"torch {torch}: ran as e2e_cpu + integration of this run (both passed on torch {torch}, a superset "
+        "of this leg's tests); RWKVSLICE_MATRIX_RERUN=1 runs them again"
+    )
+
+
 def _torch_version_layers(session: nox.Session, torch: str) -> None:
     _install_torch_layer(session, torch)
-    session.run("python", "-c", "import torch, sys; print('torch', torch.__version__, file=sys.stderr)")
+    installed = _STATUS_EXTRA.get(session.name, {}).get("torch", "")
+    if installed.split("+")[0] != torch.split("+")[0]:
+        session.error(f"this environment holds torch {installed!r}, not {torch}: rerun without -R to reinstall")
+    # The pinned torch is the one e2e_cpu and integration test: running the same tests again on it in the
+    # same invocation proves nothing new (~80 s of a warm run), so this leg takes their result instead.
+    # Run alone (`nox -s "torch_matrix(2.13.0)"`), or after either of them failed, it runs its tests.
+    note = None if os.environ.get("RWKVSLICE_MATRIX_RERUN") == "1" or session.posargs else _ran_in_this_run(installed)
+    if note:
+        session.log(note)
+        _STATUS_EXTRA[session.name]["note"] = note
+        return
     env = _layer_env(session, f"torch-{torch}")
     layers = ("tests/runtime", "tests/integration")
     _pytest(session, f"torch-{torch}", *layers, "-m", MATRIX_MARKERS, *_parallel(env), env=env)

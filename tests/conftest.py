@@ -38,6 +38,15 @@ if settings is not None:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The torch under test heads every run's output (the torch-matrix legs differ only in it)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch: not installed (static layer)"
+    return f"torch: {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"
+
+
 def _cuda_status() -> tuple[bool, str]:
     try:
         import torch

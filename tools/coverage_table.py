@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         res = session_tests.get(slug)
         tests = f"{res.passed} / {res.failed} / {res.skipped}" if res else "—"
         cover = pct(ctx_total.get(record["layer"])) if record["layer"] in ctx_total else "—"
-        note = record["reason"].replace("|", "/")[:160] if record["reason"] else ""
+        said = record["reason"] or record.get("note", "")  # why it failed / skipped, or what it stands for
+        note = said.replace("|", "/")[:200]
         if res and res.failures:
             note = (note + " " if note else "") + "failed: " + ", ".join(res.failures[:5])
         w(

@@ -14,3 +14,4 @@ def _seeded():
     random.seed(0)
     torch.manual_seed(0)
     yield
+

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from run_once import build_once_per_run
 
 from rwkvslice import RWKV7
 from rwkvslice.cli import main
@@ -40,16 +41,18 @@ def finish(proc, timeout=240):
     return proc.returncode, out, err
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cli")
+def _train_run(base):
     data = DemoTask(seed=0).write_jsonl(base / "train.jsonl", 64, "train")
-    out = base / "run"
-    proc = cli("train", "--data", data, "--out", out, "--steps", 2, "--model", "demo", "--ctx-len", 32,
+    proc = cli("train", "--data", data, "--out", base / "run", "--steps", 2, "--model", "demo", "--ctx-len", 32,
                "--batch-size", 4, "--no-progress", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("done: step 2, loss ")
-    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 2-step `rwkvslice train` run (read-only for the tests), trained once per pytest run."""
+    return build_once_per_run(tmp_path_factory, "cli-run", _train_run) / "run"
 
 
 def test_train_writes_metrics_and_checkpoint(run_dir):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from compile_check_cache import run_compile
 from rwkvslice.cuda import build
 from rwkvslice.errors import ConfigError
 from rwkvslice.ops import wkv7
@@ -298,7 +299,8 @@ def test_torch_binding_compiles_against_torch_headers():
         pytest.skip("no C++ compiler on PATH")
     includes = [*include_paths(), _cuda_include_dir()]
     with tempfile.TemporaryDirectory() as stub:
-        if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
+        stub_needed = not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths())
+        if stub_needed:
             (Path(stub) / "c10/cuda/impl").mkdir(parents=True)
             (Path(stub) / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n")
         std = (
@@ -308,8 +310,13 @@ def test_torch_binding_compiles_against_torch_headers():
         )
         cmd = [cxx, std, "-fsyntax-only", "-Wall", "-Werror", "-Wno-c++20-extensions"]
         cmd += [f"-I{p}" for p in [*includes, stub, str(build.SOURCE_DIR)]]
-        proc = subprocess.run(
-            [*cmd, str(build.SOURCE_DIR / "wkv7_op.cpp")], capture_output=True, text=True, timeout=600
+        # a success is replayed from tests/compile_check_cache.py while sources, flags, compiler and torch
+        # stay the same (the stub directory's random name is not part of the key)
+        proc, _ = run_compile(
+            [*cmd, str(build.SOURCE_DIR / "wkv7_op.cpp")],
+            source_dir=build.SOURCE_DIR,
+            extra=f"torch {torch.__version__} {include_paths()} stub={stub_needed}",
+            ignore=stub,
         )
     assert proc.returncode == 0, textwrap.shorten(proc.stderr, 4000)
 

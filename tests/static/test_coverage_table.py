@@ -72,7 +72,7 @@ def test_junit_reading(table, tmp_path):
     assert cases[1]["message"] == "assert 1 == 2" and cases[2]["message"] == "no CUDA device"
 
 
-def _record(tmp, slug, layer, result, reason="", run_id="run-1"):
+def _record(tmp, slug, layer, result, reason="", run_id="run-1", **extra):
     status = tmp / "artifacts" / "status"
     status.mkdir(parents=True, exist_ok=True)
     (status / f"{slug}.json").write_text(
@@ -86,6 +86,7 @@ def _record(tmp, slug, layer, result, reason="", run_id="run-1"):
                 "run_id": run_id,
                 "started": "2026-01-01 00:00:00",
                 "duration_s": 1.0,
+                **extra,
             }
         )
     )
@@ -134,6 +135,8 @@ def test_whole_table_from_known_data(table, tmp_path, monkeypatch):
     _record(tmp_path, "e2e_cpu", "e2e_cpu", "failed", "Returned code 1")
     _record(tmp_path, "e2e_gpu", "e2e_gpu", "skipped", "no CUDA device: nvidia-smi not found")
     _record(tmp_path, "integration", "integration", "success", run_id="run-0")  # from an earlier `nox`
+    # a matrix leg that took e2e_cpu + integration's result (noxfile._ran_in_this_run): no tests of its own
+    _record(tmp_path, "torch_matrix-2.13.0", "torch-2.13.0", "success", note="ran as e2e_cpu + integration")
 
     rc = table.main(["--artifacts", "artifacts", "--reports", "reports", "--run-id", "run-1"])
     text = (tmp_path / "reports" / "coverage.md").read_text()
@@ -160,6 +163,9 @@ def test_whole_table_from_known_data(table, tmp_path, monkeypatch):
     assert rows["**Total (merged)**"][4].startswith("**75.0 %** (5/6 lines, 1/2 branches)")
     assert rows["e2e_cpu"][:2] == ["FAILED", "1 / 1 / 1"] and rows["e2e_gpu"][0] == "skipped"
     assert rows["integration"][0] == "passed (earlier run, 2026-01-01 00:00:00)"
+    assert rows["torch_matrix-2.13.0"][:2] == ["passed", "—"] and rows["torch_matrix-2.13.0"][-1] == (
+        "ran as e2e_cpu + integration"
+    )
     assert rc == 0
     assert table.main(["--artifacts", "artifacts", "--reports", "reports", "--fail-under", "80"]) == 1
     assert (tmp_path / "reports" / "coverage.xml").is_file() and (

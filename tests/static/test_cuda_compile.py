@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from compile_check_cache import run_compile
+
 CUDA_DIR = Path(__file__).resolve().parents[2] / "src" / "rwkvslice" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("80", "90")
@@ -59,7 +61,10 @@ def _cxx() -> str:
     return cxx
 
 
-def _compile(nvcc: str, cu: Path, arch: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _compile(nvcc: str, cu: Path, arch: str, out: Path, *extra: str, cached: bool = False
+             ) -> subprocess.CompletedProcess:
+    """nvcc -c; `cached`: replay an earlier success of the same sources, flags and nvcc
+    (tests/compile_check_cache.py)."""
     cmd = [
         nvcc,
         "-c",
@@ -71,6 +76,8 @@ def _compile(nvcc: str, cu: Path, arch: str, out: Path, *extra: str) -> subproce
         "-o",
         str(out),
     ]
+    if cached:
+        return run_compile(cmd, source_dir=CUDA_DIR, output=out)[0]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -84,7 +91,7 @@ def test_there_are_kernel_sources():
 def test_nvcc_compiles(cu, arch, tmp_path):
     nvcc = _nvcc()
     obj = tmp_path / (cu.stem + ".o")
-    proc = _compile(nvcc, cu, arch, obj, "-Xptxas", "-v")
+    proc = _compile(nvcc, cu, arch, obj, "-Xptxas", "-v", cached=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert obj.stat().st_size > 0
     if cu.name == "wkv7_cuda.cu":

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from rwkvslice.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")  # file dtypes; torch.<name> below, imported only once the flags are valid
 
 
 def add_parser(subparsers) -> None:
@@ -17,11 +15,13 @@ def add_parser(subparsers) -> None:
                               description="Write the official x070 state-dict layout (RWKV-LM / rwkv package).")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or run directory")
     p.add_argument("--official", required=True, metavar="OUT.pth", help="output file")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="tensor dtype in the file (default fp32)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="tensor dtype in the file (default fp32)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from rwkvslice.model import RWKV7
     from rwkvslice.train.checkpoint import resolve_weights_dir
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--official {out}: directory {out.parent} does not exist")
     weights = resolve_weights_dir(args.ckpt)
     model = RWKV7.from_pretrained(weights)
-    model.save_official(out, dtype=DTYPES[args.dtype])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model.save_official(out, dtype=dtype)
     print(f"wrote {out} ({args.dtype}) from {weights}")
     return 0

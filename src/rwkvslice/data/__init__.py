@@ -11,14 +11,39 @@ Module docstrings hold the exact policies: records.py (file formats, chat templa
 tokenizers.py (ids and decoding), synthetic.py (the demo task).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from rwkvslice.data import synthetic
 from rwkvslice.data.binidx import BinIdx, write_binidx
-from rwkvslice.data.loader import ResumableLoader, collate
 from rwkvslice.data.prepare import prepare
 from rwkvslice.data.records import encode_chat_prompt, encode_record
 from rwkvslice.data.synthetic import DemoTask
 from rwkvslice.data.tokenizers import EOD_ID, ByteTokenizer, Tokenizer, WorldTokenizer, get_tokenizer
-from rwkvslice.data.windows import IGNORE_INDEX, PAD_ID, WindowDataset, build_dataset
+
+if TYPE_CHECKING:
+    from rwkvslice.data.loader import ResumableLoader, collate
+    from rwkvslice.data.windows import IGNORE_INDEX, PAD_ID, WindowDataset, build_dataset
+
+# The torch-backed parts (windows as tensors, the loader) load on first use, so tokenising and
+# `rwkvslice data prepare` (numpy only) never pay for importing torch.
+_LAZY = {
+    "ResumableLoader": "loader",
+    "collate": "loader",
+    "IGNORE_INDEX": "windows",
+    "PAD_ID": "windows",
+    "WindowDataset": "windows",
+    "build_dataset": "windows",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"rwkvslice.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "EOD_ID",
