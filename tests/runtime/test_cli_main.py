@@ -1,7 +1,12 @@
-"""The command line in-process (no subprocess: tests/integration/test_cli.py runs the real commands):
-error handling of `main`, subcommand discovery, streamed generation and eval's argument checks."""
+"""The command line in-process (tests/integration/test_cli.py runs the real commands): error handling of
+`main`, subcommand discovery, streamed generation and eval's argument checks. One subprocess, to see a
+fresh sys.modules: argument errors and `data prepare` never import torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -172,3 +177,30 @@ def test_demo_kept_fraction_reads_the_metrics_and_skips_a_torn_line(tmp_path):
     assert _dataset_kept_fraction(tmp_path) == pytest.approx(48 / 160)
     (tmp_path / "metrics.jsonl").write_text("")
     assert _dataset_kept_fraction(tmp_path) == 0.0
+
+
+def test_argument_errors_and_data_prepare_never_import_torch(tmp_path):
+    """torch costs ~2-3 s to import: `rwkvslice --help`, argument errors and `data prepare` (numpy only)
+    must not pay it (lazy `rwkvslice`, `rwkvslice.model` and `rwkvslice.data`). One subprocess, so the
+    check sees a fresh sys.modules."""
+    (tmp_path / "a.txt").write_text("one document\n\nanother\n")
+    code = textwrap.dedent(f"""
+        import contextlib, io, sys
+        from rwkvslice.cli import main
+        import rwkvslice, rwkvslice.data
+        rwkvslice.RWKV7Config, rwkvslice.PRESETS, rwkvslice.data.DemoTask
+        with contextlib.redirect_stderr(io.StringIO()):
+            for argv in (["export", "--ckpt", "x"], ["train", "--bogus"]):
+                try:
+                    main(argv)
+                except SystemExit as e:
+                    assert e.code == 2, argv
+        assert main(["data", "prepare", {str(tmp_path / "a.txt")!r}, "--out", {str(tmp_path / "p")!r}]) == 0
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+        rwkvslice.RWKV7  # first use of the model loads it (and torch)
+        print("torch" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["[]", "True"], proc.stdout
+    assert (tmp_path / "p.bin").stat().st_size > 0
