@@ -76,28 +76,31 @@ def _compiler_version(cxx: str) -> str:
 
 
 def host_library_path() -> Path:
-    """Path of the compiled host library, building it first if the cache has none for these sources."""
+    """Path of the compiled WKV-7 host library, building it first if the cache has none for these sources."""
+    return _host_library("wkv7_host", HOST_SOURCES, "the WKV-7 host kernel")
+
+
+def _host_library(stem: str, sources: tuple[str, ...], what: str) -> Path:
+    """Compile SOURCE_DIR/<stem>.cpp (+ its headers in `sources`) into a cached shared library."""
     cxx = find_cxx()
-    key = source_hash(HOST_SOURCES, cxx, _compiler_version(cxx), *HOST_FLAGS)
+    key = source_hash(sources, cxx, _compiler_version(cxx), *HOST_FLAGS)
     root = build_root()
-    target = root / f"wkv7_host-{key}.so"
+    target = root / f"{stem}-{key}.so"
     if target.exists():
         return target
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KernelBuildError(f"cannot create the kernel build directory {root}: {e}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".wkv7_host-{key}-", suffix=".so", dir=root)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-{key}-", suffix=".so", dir=root)
     os.close(fd)
-    cmd = [cxx, *HOST_FLAGS, "-I", str(SOURCE_DIR), str(SOURCE_DIR / "wkv7_host.cpp"), "-o", tmp]
+    cmd = [cxx, *HOST_FLAGS, "-I", str(SOURCE_DIR), str(SOURCE_DIR / f"{stem}.cpp"), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log = root / f"wkv7_host-{key}.log"
+            log = root / f"{stem}-{key}.log"
             log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-            raise KernelBuildError(
-                f"building the WKV-7 host kernel with {cxx} failed (exit {proc.returncode}); see {log}"
-            )
+            raise KernelBuildError(f"building {what} with {cxx} failed (exit {proc.returncode}); see {log}")
         os.replace(tmp, target)  # atomic: a concurrent builder's identical file is simply replaced
     finally:
         if os.path.exists(tmp):
@@ -123,6 +126,27 @@ def load_host_library() -> ctypes.CDLL:
     lib.rwkvslice_wkv7_host_backward.restype = _INT
     lib.rwkvslice_wkv7_chunk_len.argtypes = []
     lib.rwkvslice_wkv7_chunk_len.restype = _INT
+    return lib
+
+
+RNN_STEP_SOURCES = ("rnn_step_host.cpp",)
+
+
+@functools.cache
+def load_rnn_step_library() -> ctypes.CDLL:
+    """The fused CPU generation kernels (rnn_step_host.cpp), built on first use; cached per process."""
+    path = _host_library("rnn_step_host", RNN_STEP_SOURCES, "the fused CPU generation kernels")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelBuildError(f"cannot load the fused CPU generation kernels {path}: {e}") from None
+    flt = ctypes.c_float
+    lib.rwkvslice_step_att_in.argtypes = [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, flt] + [_PTR] * 9
+    lib.rwkvslice_step_att_wkv.argtypes = [_INT] * 3 + [_PTR] * 13 + [flt, _PTR, _PTR, _PTR]
+    lib.rwkvslice_step_ffn_in.argtypes = [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, flt, _PTR, _PTR, _PTR, _PTR]
+    lib.rwkvslice_step_relu_square.argtypes = [ctypes.c_long, _PTR]
+    for fn in ("att_in", "att_wkv", "ffn_in", "relu_square"):
+        getattr(lib, f"rwkvslice_step_{fn}").restype = _INT
     return lib
 
 
