@@ -81,6 +81,8 @@ COMPONENTS: dict[str, list[str]] = {
     ],
     "Generation": [
         "rwkvslice/generate/*",
+        "rwkvslice/ops/rnn_step_cpu.py",
+        "rwkvslice/cuda/build.py:load_rnn_step_library",
         "rwkvslice/model/rwkv7.py:RWKV7.step",
         "rwkvslice/model/rwkv7.py:RWKV7.init_state",
     ],

@@ -134,8 +134,10 @@ def test_nvcc_rejects_a_broken_kernel(tmp_path):
     assert proc.returncode != 0 and "undefined_name" in proc.stderr
 
 
-def test_host_build_compiles():
-    """wkv7_host.cpp (the core header compiled as plain C++) passes -fsyntax-only with warnings as errors."""
+@pytest.mark.parametrize("source", ["wkv7_host.cpp", "rnn_step_host.cpp"])
+def test_host_build_compiles(source):
+    """The host libraries pass -fsyntax-only with warnings as errors: wkv7_host.cpp (the CUDA core header
+    compiled as plain C++) and rnn_step_host.cpp (the fused CPU generation kernels)."""
     cxx = _cxx()
     proc = subprocess.run(
         [
@@ -147,7 +149,7 @@ def test_host_build_compiles():
             "-Werror",
             "-I",
             str(CUDA_DIR),
-            str(CUDA_DIR / "wkv7_host.cpp"),
+            str(CUDA_DIR / source),
         ],
         capture_output=True,
         text=True,

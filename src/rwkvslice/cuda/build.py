@@ -140,11 +140,15 @@ def load_rnn_step_library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelBuildError(f"cannot load the fused CPU generation kernels {path}: {e}") from None
-    flt = ctypes.c_float
-    lib.rwkvslice_step_att_in.argtypes = [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, flt] + [_PTR] * 9
-    lib.rwkvslice_step_att_wkv.argtypes = [_INT] * 3 + [_PTR] * 13 + [flt, _PTR, _PTR, _PTR]
-    lib.rwkvslice_step_ffn_in.argtypes = [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, flt, _PTR, _PTR, _PTR, _PTR]
-    lib.rwkvslice_step_relu_square.argtypes = [ctypes.c_long, _PTR]
+    flt, ptr, i32 = ctypes.c_float, _PTR, _INT
+    argtypes: dict[str, list] = {
+        "att_in": [i32, i32, ptr, ptr, ptr, ptr, ptr, flt, *[ptr] * 9],
+        "att_wkv": [i32, i32, i32, *[ptr] * 13, flt, ptr, ptr, ptr],
+        "ffn_in": [i32, i32, ptr, ptr, ptr, ptr, ptr, flt, ptr, ptr, ptr, ptr],
+        "relu_square": [ctypes.c_long, ptr],
+    }
+    for fn, types in argtypes.items():
+        getattr(lib, f"rwkvslice_step_{fn}").argtypes = types
     for fn in ("att_in", "att_wkv", "ffn_in", "relu_square"):
         getattr(lib, f"rwkvslice_step_{fn}").restype = _INT
     return lib

@@ -429,8 +429,11 @@ class RWKV7(nn.Module):
             h, state = self.hidden_states(tokens.view(-1, 1), state=state)
             return self.head(h[:, 0]), state
         x = self.emb(tokens.view(-1))
-        if state.att_shift.dtype != x.dtype or state.wkv.dtype != torch.float32:  # e.g. a state saved in fp32
-            state = RWKV7State(state.att_shift.to(x.dtype), state.wkv.float(), state.ffn_shift.to(x.dtype))
+        parts = (state.att_shift, state.wkv, state.ffn_shift)
+        if (state.att_shift.dtype != x.dtype or state.ffn_shift.dtype != x.dtype or state.wkv.dtype != torch.float32
+                or not all(t.is_contiguous() for t in parts)):  # a state saved in fp32, a strided batch slice
+            state = RWKV7State(state.att_shift.to(x.dtype).contiguous(), state.wkv.float().contiguous(),
+                               state.ffn_shift.to(x.dtype).contiguous())
         new_state = RWKV7State(*(torch.empty_like(t) for t in (state.att_shift, state.wkv, state.ffn_shift)))
         layers_in = zip(state.att_shift.unbind(0), state.wkv.unbind(0), state.ffn_shift.unbind(0), strict=True)
         layers_out = zip(*(t.unbind(0) for t in (new_state.att_shift, new_state.wkv, new_state.ffn_shift)), strict=True)
