@@ -38,34 +38,35 @@ def randomized_model(layers: int, embd: int, vocab: int):
     return model.eval()
 
 
-def bench_generation(args) -> dict:
+def bench_generation(args, layers: int, embd: int, vocab: int, rounds: int, batched: bool = True) -> dict:
+    """Ours (fused CPU kernels), ours eager (the kernels off) and the package, alternated round by round."""
     os.environ["RWKV_V7_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ["RWKV_CUDA_ON"] = "0"
     from rwkv.model import RWKV
 
-    model = randomized_model(args.layers, args.embd, args.vocab)
+    from rwkvslice.ops import rnn_step_cpu
+
+    model = randomized_model(layers, embd, vocab)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_official(Path(tmp) / "m.pth")
         ref = RWKV(str(Path(tmp) / "m"), strategy="cpu fp32")
 
-    tokens = torch.randint(0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens = torch.randint(0, vocab, (args.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    fused_kernels = rnn_step_cpu.kernels
+    assert fused_kernels() is not None, "the fused CPU kernels did not build"
 
-    def run_ours() -> float:
-        state = model.init_state(1)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for tok in tokens:
-                _, state = model.step(torch.tensor([tok]), state)
-        return len(tokens) / (time.perf_counter() - t0)
-
-    def run_ours_batched() -> float:  # `streams` sequences at once, as rwkvslice.generate batches prompts
-        state = model.init_state(args.streams)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for tok in tokens:
-                _, state = model.step(torch.full((args.streams,), tok), state)
-        return args.streams * len(tokens) / (time.perf_counter() - t0)
+    def run_ours(streams: int = 1, fused: bool = True) -> float:
+        rnn_step_cpu.kernels = fused_kernels if fused else (lambda: None)  # type: ignore[assignment]
+        try:
+            state = model.init_state(streams)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for tok in tokens:
+                    _, state = model.step(torch.full((streams,), tok), state)
+            return streams * len(tokens) / (time.perf_counter() - t0)
+        finally:
+            rnn_step_cpu.kernels = fused_kernels
 
     def run_ref() -> float:
         state = None
@@ -75,13 +76,16 @@ def bench_generation(args) -> dict:
                 _, state = ref.forward([tok], state)
         return len(tokens) / (time.perf_counter() - t0)
 
-    run_ours(), run_ref(), run_ours_batched()  # warm-up (TorchScript compiles on first calls)
-    ours, theirs, batched = [], [], []
-    for _ in range(args.rounds):
-        ours.append(run_ours())
-        theirs.append(run_ref())
-        batched.append(run_ours_batched())
-    return {"ours": ours, "rwkv": theirs, "batched": batched}
+    contenders = {"ours": run_ours, "eager": lambda: run_ours(fused=False), "rwkv": run_ref}
+    if batched:  # `streams` sequences at once, as rwkvslice.generate batches prompts
+        contenders["batched"] = lambda: run_ours(args.streams)
+    for fn in contenders.values():  # warm-up (TorchScript compiles on first calls)
+        fn()
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return results
 
 
 WKV_CHILD = r"""
@@ -140,18 +144,29 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4, help="sequences of the batched generation row")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--sizes", default="2x128x65536,6x512x256,6x64x256",
+                        help="more LAYERSxEMBDxVOCAB sizes for the generation table ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench-model.md"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    gen = bench_generation(args)
+    gen = bench_generation(args, args.layers, args.embd, args.vocab, args.rounds)
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",") if size]
+    more = {size: bench_generation(args, *size, rounds=args.rounds, batched=False) for size in sizes}
     wkv = bench_wkv(args)
     from importlib.metadata import version
 
     import rwkv  # noqa: F401  (version below)
 
     g_ours, g_ref = statistics.median(gen["ours"]), statistics.median(gen["rwkv"])
+    g_eager = statistics.median(gen["eager"])
+    med = statistics.median
+    size_rows = [
+        f"| {L} | {E} | {V} | {med(r['ours']):.1f} | {med(r['eager']):.1f} | {med(r['rwkv']):.1f} | "
+        f"**{med(r['ours']) / med(r['rwkv']):.2f}x** | {med(r['eager']) / med(r['rwkv']):.2f}x |"
+        for (L, E, V), r in more.items()
+    ]
     t_ref = statistics.median(wkv["reference"]["times"])
     t_torch = statistics.median(wkv["torch"]["times"])
     tokens = 4 * 512
@@ -174,9 +189,18 @@ def main() -> None:
         "| implementation | median tokens/s | all rounds |",
         "|---|---|---|",
         f"| rwkvslice `model.step` | {g_ours:.1f} | {', '.join(f'{x:.0f}' for x in gen['ours'])} |",
+        f"| rwkvslice eager step (fused kernels off) | {g_eager:.1f} | "
+        f"{', '.join(f'{x:.0f}' for x in gen['eager'])} |",
         f"| official `rwkv` package | {g_ref:.1f} | {', '.join(f'{x:.0f}' for x in gen['rwkv'])} |",
         "",
-        f"**Ratio ours / official: {g_ours / g_ref:.2f}x** (goal >= 1.0x, stretch 2x).",
+        f"**Ratio ours / official: {g_ours / g_ref:.2f}x** (goal >= 1.0x, stretch 2x). Without the fused CPU "
+        f"kernels (ops/rnn_step_cpu.py): {g_eager / g_ref:.2f}x.",
+        "",
+        "Other sizes, same method (medians of the same number of rounds, alternated):",
+        "",
+        "| layers | n_embd | vocab | ours tok/s | eager tok/s | package tok/s | ours / package | eager / package |",
+        "|---|---|---|---|---|---|---|---|",
+        *size_rows,
         "",
         f"Batched (not the goal's measure): `model.step` on {args.streams} sequences at once, as "
         "`rwkvslice.generate` decodes several prompts, gives "
