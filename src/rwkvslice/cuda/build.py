@@ -80,10 +80,11 @@ def host_library_path() -> Path:
     return _host_library("wkv7_host", HOST_SOURCES, "the WKV-7 host kernel")
 
 
-def _host_library(stem: str, sources: tuple[str, ...], what: str) -> Path:
+def _host_library(stem: str, sources: tuple[str, ...], what: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile SOURCE_DIR/<stem>.cpp (+ its headers in `sources`) into a cached shared library."""
     cxx = find_cxx()
-    key = source_hash(sources, cxx, _compiler_version(cxx), *HOST_FLAGS)
+    flags = (*HOST_FLAGS, *extra_flags)
+    key = source_hash(sources, cxx, _compiler_version(cxx), *flags)
     root = build_root()
     target = root / f"{stem}-{key}.so"
     if target.exists():
@@ -94,7 +95,7 @@ def _host_library(stem: str, sources: tuple[str, ...], what: str) -> Path:
         raise KernelBuildError(f"cannot create the kernel build directory {root}: {e}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}-{key}-", suffix=".so", dir=root)
     os.close(fd)
-    cmd = [cxx, *HOST_FLAGS, "-I", str(SOURCE_DIR), str(SOURCE_DIR / f"{stem}.cpp"), "-o", tmp]
+    cmd = [cxx, *flags, "-I", str(SOURCE_DIR), str(SOURCE_DIR / f"{stem}.cpp"), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -135,22 +136,19 @@ RNN_STEP_SOURCES = ("rnn_step_host.cpp",)
 @functools.cache
 def load_rnn_step_library() -> ctypes.CDLL:
     """The fused CPU generation kernels (rnn_step_host.cpp), built on first use; cached per process."""
-    path = _host_library("rnn_step_host", RNN_STEP_SOURCES, "the fused CPU generation kernels")
+    # -O3: the GEMV loops must vectorise to stay memory-bound (no -march: the cache may be shared by machines)
+    path = _host_library("rnn_step_host", RNN_STEP_SOURCES, "the fused CPU generation kernels", ("-O3",))
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelBuildError(f"cannot load the fused CPU generation kernels {path}: {e}") from None
-    flt, ptr, i32 = ctypes.c_float, _PTR, _INT
-    argtypes: dict[str, list] = {
-        "att_in": [i32, i32, ptr, ptr, ptr, ptr, ptr, flt, *[ptr] * 9],
-        "att_wkv": [i32, i32, i32, *[ptr] * 13, flt, ptr, ptr, ptr],
-        "ffn_in": [i32, i32, ptr, ptr, ptr, ptr, ptr, flt, ptr, ptr, ptr, ptr],
-        "relu_square": [ctypes.c_long, ptr],
-    }
-    for fn, types in argtypes.items():
-        getattr(lib, f"rwkvslice_step_{fn}").argtypes = types
-    for fn in ("att_in", "att_wkv", "ffn_in", "relu_square"):
-        getattr(lib, f"rwkvslice_step_{fn}").restype = _INT
+    ptr = _PTR
+    lib.rwkvslice_step_layer.argtypes = [_INT, ptr, _INT, ctypes.c_float, ctypes.c_float, ptr, *[ptr] * 11]
+    lib.rwkvslice_step_layer.restype = _INT
+    lib.rwkvslice_step_set_sgemm.argtypes = [ptr]
+    lib.rwkvslice_step_set_sgemm.restype = _INT
+    lib.rwkvslice_step_n_params.argtypes = []
+    lib.rwkvslice_step_n_params.restype = _INT
     return lib
 
 

@@ -250,43 +250,6 @@ class Block(nn.Module):
         state_out[2].copy_(h)
         return x + self.ffn.step(h, state_in[2]), v_first
 
-    def step_fused(self, lib, x, dx, v_first, state_in, state_out):
-        """step() with the work between the GEMVs in the fused CPU kernels (ops/rnn_step_cpu.py; fp32, CPU).
-
-        This block's input is x + dx: the previous block's residual stream and its channel-mix output, not
-        yet added (dx is None in layer 0), so the addition rides in a kernel. Returns (x, dx, v_first) the
-        same way. The GEMVs stay in torch; step() is the reference this must match.
-        """
-        att, ffn = self.att, self.ffn
-        p = att._parameters
-        B, C = x.shape
-        if hasattr(self, "ln0"):
-            x = F.layer_norm(x if dx is None else x + dx, (C,), self.ln0.weight, self.ln0.bias, self.ln0.eps)
-            dx = None
-        x_att, xs = torch.empty_like(x), x.new_empty(6, B, C)
-        mixes = (p["x_r"], p["x_w"], p["x_k"], p["x_v"], p["x_a"], p["x_g"])
-        rnn_step_cpu.att_in(lib, x, dx, x_att, self.ln1.weight, self.ln1.bias, self.ln1.eps, state_in[0], mixes,
-                            state_out[0], xs)
-        xr, xw, xk, xv, xa, xg = xs
-        r = F.linear(xr, att.receptance.weight)
-        z = torch.addmm(p["w0"].view(1, C), torch.tanh(xw @ p["w1"]), p["w2"])
-        k = F.linear(xk, att.key.weight)
-        v = F.linear(xv, att.value.weight)
-        if att.layer_id == 0:
-            v_first, vz = v, None
-        else:
-            vz = torch.addmm(p["v0"].view(1, C), xv @ p["v1"], p["v2"])
-        az = torch.addmm(p["a0"].view(1, C), xa @ p["a1"], p["a2"])
-        g = torch.sigmoid_(xg @ p["g1"]) @ p["g2"]
-        y = torch.empty_like(x)
-        rnn_step_cpu.att_wkv(lib, r, z, k, v, v_first, vz, az, g, p["k_k"], p["k_a"], p["r_k"], att.ln_x.weight,
-                             att.ln_x.bias, LN_X_EPS, state_in[1], state_out[1], y)
-        x_ffn, xk = torch.empty_like(x), torch.empty_like(x)
-        rnn_step_cpu.ffn_in(lib, x_att, F.linear(y, att.output.weight), x_ffn, self.ln2.weight, self.ln2.bias,
-                            self.ln2.eps, state_in[2], ffn.x_k, state_out[2], xk)
-        hidden = rnn_step_cpu.relu_square_(lib, F.linear(xk, ffn.key.weight))
-        return x_ffn, F.linear(hidden, ffn.value.weight), v_first
-
 
 class RWKV7(nn.Module):
     def __init__(self, config: RWKV7Config):
@@ -439,10 +402,16 @@ class RWKV7(nn.Module):
         layers_out = zip(*(t.unbind(0) for t in (new_state.att_shift, new_state.wkv, new_state.ffn_shift)), strict=True)
         v_first = None
         lib = rnn_step_cpu.kernels() if self._fused_step_ok(x, state) else None
-        if lib is not None:
+        if lib is not None:  # one fused C++ call per layer (ops/rnn_step_cpu.py); Block.step is its reference
+            B, C = x.shape
+            v_first, *pingpong = x.new_empty(5, B, C)  # layer i writes (x, dx) pair i % 2, unadded
             dx = None
-            for block, s_in, s_out in zip(self.blocks, layers_in, layers_out, strict=True):
-                x, dx, v_first = cast(Block, block).step_fused(lib, x, dx, v_first, s_in, s_out)
+            for i, (block, s_in, s_out) in enumerate(zip(self.blocks, layers_in, layers_out, strict=True)):
+                if hasattr(block, "ln0"):
+                    x = cast(Block, block).ln0(x)
+                x_out, dx_out = pingpong[2 * (i % 2)], pingpong[2 * (i % 2) + 1]
+                rnn_step_cpu.step_layer(lib, block, x, dx, v_first, s_in, s_out, x_out, dx_out)
+                x, dx = x_out, dx_out
             x = x + dx
         else:
             for block, s_in, s_out in zip(self.blocks, layers_in, layers_out, strict=True):

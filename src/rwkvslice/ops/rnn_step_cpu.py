@@ -1,15 +1,16 @@
-"""Fused CPU kernels for RNN-mode generation (fp32): the work between the GEMVs of one layer, in four calls.
+"""Fused CPU kernel for RNN-mode generation (fp32): one whole layer per call, GEMVs included.
 
-Reference: the eager `TimeMix.step` / `ChannelMix.step` / `Block.step` in model/rwkv7.py (tests compare the
-two). The C++ is cuda/rnn_step_host.cpp, compiled on first use by the host C++ compiler (about a second)
-into the kernel cache and loaded with ctypes; see cuda/build.py.
+Reference: the eager `Block.step` (TimeMix.step + ChannelMix.step) in model/rwkv7.py; tests compare the
+two, and the kernel op by op against fp64. The C++ is cuda/rnn_step_host.cpp, compiled on first use by
+the host C++ compiler (about a second) into the kernel cache and loaded with ctypes; see cuda/build.py.
 
-Why: a generated token reads every weight once, which torch's GEMVs do at memory speed, but each of the
-~40 small ops per layer also costs a few microseconds once the weights have evicted its operands from the
-cache. Fusing them is what lets eager PyTorch keep up with the official package's TorchScript.
+Why: a generated token reads every weight once. torch's GEMVs do that at memory speed, but an eager layer
+also runs ~60 small ops, each a few microseconds once the weights have evicted its operands from the
+cache: at 6 layers x 512 that is ~10% of a token, and most of a small model's time. One call per layer
+removes it; the head stays one large torch GEMV.
 
-`kernels()` returns the loaded library, or None when it cannot be built (no compiler) or when
-RWKVSLICE_FUSED_STEP=0; then generation uses the eager path, after a one-line warning.
+`kernels()` returns the loaded library, or None when it cannot be built (no C++ compiler; one warning) or
+when RWKVSLICE_FUSED_STEP=0. `step_layer` takes a Block duck-typed (this module never imports the model).
 """
 
 from __future__ import annotations
@@ -18,84 +19,97 @@ import ctypes
 import functools
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
 from rwkvslice.cuda.build import KernelBuildError, load_rnn_step_library
 
 ENV_SWITCH = "RWKVSLICE_FUSED_STEP"
+MAX_HEAD_SIZE = 256  # the kernel keeps one head's vectors on the stack
+
+
+def torch_sgemm() -> int | None:
+    """Address of the BLAS `sgemm_` torch links (MKL in the x86 wheels), or None if its libraries export none."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "libtorch.so"):
+        path = lib_dir / name
+        if not path.exists():
+            continue
+        try:
+            return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """The fused kernels, or None (disabled, or not buildable: warns once with the reason)."""
+    """The fused kernel library, or None: disabled, not buildable (warns once with the reason), or no BLAS
+    sgemm in torch's libraries to call (then the eager step is as fast as anything here could be)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
+    sgemm = torch_sgemm()
+    if sgemm is None:
+        return None
     try:
-        return load_rnn_step_library()
+        lib = load_rnn_step_library()
     except KernelBuildError as e:
         warnings.warn(f"rwkvslice: fused CPU generation kernels unavailable, using eager ops: {e}", stacklevel=2)
         return None
+    if lib.rwkvslice_step_n_params() != N_PARAMS:  # a stale library for another parameter table
+        raise KernelBuildError("fused CPU generation kernels: parameter table mismatch; clear the kernel cache")
+    lib.rwkvslice_step_set_sgemm(sgemm)
+    return lib
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Can the fused kernels take these tensors (fp32, CPU, contiguous)?"""
+    """Can the kernel take these tensors (fp32, CPU, contiguous)?"""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def _in(*tensors):
-    """Inputs as fp32 contiguous tensors (a no-op for the usual ones). The caller keeps the returned list
-    alive across the C call: a converted copy's memory must not be freed while the kernel reads it."""
-    return [None if t is None else t if (t.dtype == torch.float32 and t.is_contiguous()) else
-            t.float().contiguous() for t in tensors]
+def layer_parameters(block) -> list[torch.Tensor | None]:
+    """The layer's parameters in the kernel's table order (enum Param in the .cpp); v0/v1/v2 None in layer 0."""
+    att, ffn = block.att, block.ffn
+    p = att._parameters
+    return [
+        block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias,
+        p["x_r"], p["x_w"], p["x_k"], p["x_v"], p["x_a"], p["x_g"],
+        p["w0"], p["w1"], p["w2"], p["a0"], p["a1"], p["a2"], p.get("v0"), p.get("v1"), p.get("v2"),
+        p["g1"], p["g2"], p["k_k"], p["k_a"], p["r_k"],
+        att.receptance.weight, att.key.weight, att.value.weight, att.output.weight, att.ln_x.weight,
+        att.ln_x.bias, ffn.x_k, ffn.key.weight, ffn.value.weight,
+    ]  # fmt: skip
 
 
-def _out(*tensors) -> list[int]:
-    for t in tensors:
-        if not usable(t):
-            raise ValueError("fused RNN step: outputs must be contiguous fp32 CPU tensors")
-    return [t.data_ptr() for t in tensors]
+N_PARAMS = 33
 
 
-def _ptrs(tensors) -> list[int | None]:
-    return [None if t is None else t.data_ptr() for t in tensors]
+def step_layer(lib, block, x, dx, v_first, state_in, state_out, x_out, dx_out) -> None:
+    """Block.step for B rows through the kernel. Input x + dx (dx None: x alone); writes x_out + dx_out (the
+    next layer's input, unadded), v_first (B, C; layer 0 writes it), and the new states into state_out.
 
-
-def att_in(lib, x, dx, x_out, ln_w, ln_b, eps, prev, mixes, shift_out, xs) -> None:
-    """x_out = x + dx (dx may be None); shift_out = LayerNorm(x_out); xs[j] = h + (prev - h) * mixes[j]."""
+    Every tensor must be fp32, CPU and contiguous: parameters are checked here (a model converted to
+    another dtype or with a transposed view raises ValueError, so the caller's fallback check is the
+    place to route those to the eager step), activations and states are the caller's own buffers.
+    """
+    params = layer_parameters(block)
+    bad = [i for i, t in enumerate(params) if t is not None and not usable(t)]
+    if bad:
+        raise ValueError(f"fused RNN step: parameters {bad} of the layer are not contiguous fp32 CPU tensors")
+    att = block.att
     B, C = x.shape
-    ins = _in(x, dx, ln_w, ln_b, prev, *mixes)
-    x_p, dx_p, w_p, b_p, prev_p, *mix_p = _ptrs(ins)
-    x_out_p, shift_p, xs_p = _out(x_out, shift_out, xs)
-    rc = lib.rwkvslice_step_att_in(B, C, x_p, dx_p, x_out_p, w_p, b_p, eps, prev_p, *mix_p, shift_p, xs_p)
-    assert rc == 0
-
-
-def att_wkv(lib, r, z, k, v, v_first, vz, az, g, k_k, k_a, r_k, lnx_w, lnx_b, lnx_eps, s_in, s_out, out) -> None:
-    """The WKV state update and read-out, GroupNorm, bonus and output gate of one layer (see the .cpp)."""
-    B, H, N = s_in.shape[0], s_in.shape[1], s_in.shape[2]
-    if N > 256:
-        raise ValueError(f"fused RNN step: head size {N} > 256 is not supported")
-    ins = _in(r, z, k, v, v_first, vz, az, g, k_k, k_a, r_k, lnx_w, lnx_b, s_in)
-    *in_p, s_in_p = _ptrs(ins)
-    s_out_p, out_p = _out(s_out, out)
-    rc = lib.rwkvslice_step_att_wkv(B, H, N, *in_p, lnx_eps, s_in_p, s_out_p, out_p)
-    assert rc == 0
-
-
-def ffn_in(lib, x, dx, x_out, ln_w, ln_b, eps, prev, x_k, shift_out, xk) -> None:
-    """x_out = x + dx; shift_out = LayerNorm(x_out); xk = h + (prev - h) * x_k."""
-    B, C = x.shape
-    ins = _in(x, dx, ln_w, ln_b, prev, x_k)
-    x_p, dx_p, w_p, b_p, prev_p, xk_w_p = _ptrs(ins)
-    x_out_p, shift_p, xk_p = _out(x_out, shift_out, xk)
-    rc = lib.rwkvslice_step_ffn_in(B, C, x_p, dx_p, x_out_p, w_p, b_p, eps, prev_p, xk_w_p, shift_p, xk_p)
-    assert rc == 0
-
-
-def relu_square_(lib, x: torch.Tensor) -> torch.Tensor:
-    """relu(x)**2 in place."""
-    (x_p,) = _out(x)
-    rc = lib.rwkvslice_step_relu_square(x.numel(), x_p)
-    assert rc == 0
-    return x
+    dims = (ctypes.c_int * 8)(C, att.n_head, att.head_size, att._parameters["w1"].shape[1],
+                              att._parameters["a1"].shape[1],
+                              att._parameters["v1"].shape[1] if att.layer_id else 0,
+                              att._parameters["g1"].shape[1], block.ffn.key.weight.shape[0])
+    table = (ctypes.c_void_p * N_PARAMS)(*(None if t is None else t.data_ptr() for t in params))
+    rc = lib.rwkvslice_step_layer(
+        B, dims, int(att.layer_id == 0), block.ln1.eps, att.ln_x.eps, table, x.data_ptr(),
+        None if dx is None else dx.data_ptr(), v_first.data_ptr(), *(t.data_ptr() for t in state_in),
+        *(t.data_ptr() for t in state_out), x_out.data_ptr(), dx_out.data_ptr(),
+    )
+    if rc == 1:
+        raise ValueError(f"fused RNN step: head size {att.head_size} > {MAX_HEAD_SIZE} is not supported")
+    if rc != 0:
+        raise RuntimeError("fused RNN step: the library has no BLAS sgemm (use kernels(), which sets it)")
