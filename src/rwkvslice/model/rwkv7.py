@@ -384,9 +384,10 @@ class RWKV7(nn.Module):
     def step(self, tokens: torch.Tensor, state: RWKV7State):
         """RNN mode: one token per sequence. tokens (B,) -> logits (B, V) and the next state.
 
-        `state` is never modified. Under torch.no_grad / inference_mode (generation) this runs the
-        fused per-layer step() kernels; with gradients enabled it runs GPT mode on T = 1, which is
-        differentiable and gives the same values.
+        `state` is never modified. Under torch.no_grad / inference_mode (generation) each layer runs
+        Block.step, the same maths on (B, C) rows in few ops; an fp32 CPU model runs each layer as one
+        C++ call instead (ops/rnn_step_cpu.py, Block.step being its reference). With gradients enabled
+        it runs GPT mode on T = 1, which is differentiable and gives the same values.
         """
         if torch.is_grad_enabled():
             h, state = self.hidden_states(tokens.view(-1, 1), state=state)
