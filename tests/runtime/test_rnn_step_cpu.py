@@ -241,6 +241,20 @@ def test_build_failure_warns_once_and_falls_back(model, monkeypatch):
         rnn_step_cpu.kernels.cache_clear()
 
 
+def test_a_blas_that_disagrees_with_torch_is_not_used(model, monkeypatch):
+    """The loader probes the sgemm_ it found against torch: a wrong one (here: a random other function's
+    address would crash, so the probe's result is faked) means eager generation with one warning."""
+    monkeypatch.setattr(rnn_step_cpu, "_blas_agrees", lambda lib: False)
+    rnn_step_cpu.kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="disagrees with torch on a probe; using eager ops"):
+            assert rnn_step_cpu.kernels() is None
+    finally:
+        rnn_step_cpu.kernels.cache_clear()
+    monkeypatch.undo()
+    assert rnn_step_cpu._blas_agrees(rnn_step_cpu.kernels())  # the real sgemm_ passes the probe
+
+
 def test_without_a_blas_sgemm_generation_runs_eager(model, monkeypatch):
     monkeypatch.setattr(rnn_step_cpu, "torch_sgemm", lambda: None)
     rnn_step_cpu.kernels.cache_clear()

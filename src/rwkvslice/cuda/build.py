@@ -136,7 +136,7 @@ RNN_STEP_SOURCES = ("rnn_step_host.cpp",)
 @functools.cache
 def load_rnn_step_library() -> ctypes.CDLL:
     """The fused CPU generation kernels (rnn_step_host.cpp), built on first use; cached per process."""
-    # -O3: the GEMV loops must vectorise to stay memory-bound (no -march: the cache may be shared by machines)
+    # -O3 vectorises the state-update loops (no -march: the kernel cache may be shared by machines)
     path = _host_library("rnn_step_host", RNN_STEP_SOURCES, "the fused CPU generation kernels", ("-O3",))
     try:
         lib = ctypes.CDLL(str(path))
@@ -147,6 +147,8 @@ def load_rnn_step_library() -> ctypes.CDLL:
     lib.rwkvslice_step_layer.restype = _INT
     lib.rwkvslice_step_set_sgemm.argtypes = [ptr]
     lib.rwkvslice_step_set_sgemm.restype = _INT
+    lib.rwkvslice_step_linear_probe.argtypes = [_INT, _INT, _INT, ptr, ptr, ptr]
+    lib.rwkvslice_step_linear_probe.restype = _INT
     lib.rwkvslice_step_n_params.argtypes = []
     lib.rwkvslice_step_n_params.restype = _INT
     return lib

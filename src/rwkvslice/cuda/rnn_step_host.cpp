@@ -90,6 +90,14 @@ int rwkvslice_step_set_sgemm(void* fn) {
     return 0;
 }
 
+// y = x W^T through the same path the layer uses, so the loader can check the BLAS it was handed (its
+// integer width and calling convention) against torch before trusting it.
+int rwkvslice_step_linear_probe(int B, int I, int O, const float* W, const float* x, float* y) {
+    if (!g_sgemm) return 2;
+    linear(B, I, O, W, x, y);
+    return 0;
+}
+
 // One layer for B rows. dims: C, H, N (head size), rank of the w / a / v / g LoRAs, ffn hidden size.
 // x_in + dx_in (dx_in may be null) is the layer's input; the outputs x_out + dx_out are the next layer's
 // (the channel-mix output is left unadded, so the addition rides in the next call). v_first (B x C) is

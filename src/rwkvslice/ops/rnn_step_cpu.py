@@ -60,7 +60,20 @@ def kernels() -> ctypes.CDLL | None:
     if lib.rwkvslice_step_n_params() != N_PARAMS:  # a stale library for another parameter table
         raise KernelBuildError("fused CPU generation kernels: parameter table mismatch; clear the kernel cache")
     lib.rwkvslice_step_set_sgemm(sgemm)
+    if not _blas_agrees(lib):  # e.g. a torch build whose BLAS takes 64-bit integers
+        warnings.warn("rwkvslice: torch's BLAS sgemm_ disagrees with torch on a probe; using eager ops", stacklevel=2)
+        return None
     return lib
+
+
+def _blas_agrees(lib) -> bool:
+    """The layer's GEMM path (the sgemm_ handed over) against torch on a small odd-shaped product."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
+    y = torch.full((3, 5), float("nan"))
+    if lib.rwkvslice_step_linear_probe(3, 7, 5, w.data_ptr(), x.data_ptr(), y.data_ptr()) != 0:
+        return False
+    return bool(torch.allclose(y, x @ w.T, rtol=1e-5, atol=1e-5))
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -93,6 +106,8 @@ def step_layer(lib, block, x, dx, v_first, state_in, state_out, x_out, dx_out) -
     another dtype or with a transposed view raises ValueError, so the caller's fallback check is the
     place to route those to the eager step), activations and states are the caller's own buffers.
     """
+    if block.ln1.eps != block.ln2.eps:
+        raise ValueError("fused RNN step: ln1 and ln2 must share their eps")
     params = layer_parameters(block)
     bad = [i for i, t in enumerate(params) if t is not None and not usable(t)]
     if bad:
