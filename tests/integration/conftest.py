@@ -14,4 +14,3 @@ def _seeded():
     random.seed(0)
     torch.manual_seed(0)
     yield
-

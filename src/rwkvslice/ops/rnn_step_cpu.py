@@ -9,8 +9,9 @@ also runs ~60 small ops, each a few microseconds once the weights have evicted i
 cache: at 6 layers x 512 that is ~10% of a token, and most of a small model's time. One call per layer
 removes it; the head stays one large torch GEMV.
 
-`kernels()` returns the loaded library, or None when it cannot be built (no C++ compiler; one warning) or
-when RWKVSLICE_FUSED_STEP=0. `step_layer` takes a Block duck-typed (this module never imports the model).
+`kernels()` returns the loaded library, or None (the caller then runs the eager step): RWKVSLICE_FUSED_STEP=0,
+no BLAS sgemm_ in torch's libraries, a build failure (one warning), or an sgemm_ that disagrees with torch
+on a probe (one warning). `step_layer` takes a Block duck-typed (this module never imports the model).
 """
 
 from __future__ import annotations
