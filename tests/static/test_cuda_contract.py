@@ -258,3 +258,13 @@ def test_kernel_sources_have_no_torch_headers():
     ]:
         includes = re.findall(r"#include\s*[<\"]([^>\"]+)", path.read_text())
         assert not [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10")], path.name
+
+
+def test_grid_puts_batch_and_heads_on_x():
+    """gridDim.y and .z are limited to 65,535 blocks, x to 2^31 - 1: every launch is a one-dimensional grid of
+    B * H blocks and no kernel reads blockIdx.y/z (a batch of 65,536 sequences must still launch)."""
+    cu = _strip_comments((CUDA_DIR / "wkv7_cuda.cu").read_text())
+    grids = re.findall(r"<<<\s*([^,]*\([^)]*\)|[^,]*)\s*,", cu)
+    assert len(grids) == 2 and all(re.fullmatch(r"dim3\(p\.B \* p\.H\)", g.strip()) for g in grids), grids
+    assert not re.search(r"blockIdx\.[yz]|gridDim\.[yz]", cu)
+    assert re.search(r"bb = blockIdx\.x / p\.H, h = blockIdx\.x % p\.H", cu)

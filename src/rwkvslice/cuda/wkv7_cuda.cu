@@ -1,5 +1,6 @@
 // WKV-7 CUDA kernels: forward and backstepping backward, bf16 or fp32 inputs, fp32 state.
-// One block per (head, batch), one thread per channel; the arithmetic lives in wkv7_core.cuh.
+// One block per (batch, head) on the grid's x dimension (block bb * H + h: y and z are limited to 65,535, x to
+// 2^31 - 1), one thread per channel; the arithmetic lives in wkv7_core.cuh.
 // No torch headers here: this file compiles on its own with `nvcc -c`.
 #include <cuda_runtime.h>
 
@@ -10,7 +11,7 @@ namespace {
 
 template <typename Tin, int N>
 __global__ void __launch_bounds__(N) wkv7_forward_kernel(const Wkv7ForwardArgs<Tin> p) {
-    const int h = blockIdx.x, bb = blockIdx.y, i = threadIdx.x;
+    const int bb = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
     __shared__ Wkv7ForwardStep<N> step;
     float state[N];
     wkv7_forward_begin<N>(p, bb, h, i, state);
@@ -25,7 +26,7 @@ __global__ void __launch_bounds__(N) wkv7_forward_kernel(const Wkv7ForwardArgs<T
 
 template <typename Tin, int N>
 __global__ void __launch_bounds__(N) wkv7_backward_kernel(const Wkv7BackwardArgs<Tin> p) {
-    const int h = blockIdx.x, bb = blockIdx.y, i = threadIdx.x;
+    const int bb = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
     __shared__ Wkv7BackwardStep<N> step;
     Wkv7BackwardThread<N> g;
     wkv7_backward_begin<N>(p, bb, h, i, g);
@@ -42,13 +43,13 @@ __global__ void __launch_bounds__(N) wkv7_backward_kernel(const Wkv7BackwardArgs
 
 template <typename Tin, int N>
 int launch_forward(const Wkv7ForwardArgs<Tin>& p, cudaStream_t stream) {
-    wkv7_forward_kernel<Tin, N><<<dim3(p.H, p.B), dim3(N), 0, stream>>>(p);
+    wkv7_forward_kernel<Tin, N><<<dim3(p.B * p.H), dim3(N), 0, stream>>>(p);
     return (int)cudaGetLastError();
 }
 
 template <typename Tin, int N>
 int launch_backward(const Wkv7BackwardArgs<Tin>& p, cudaStream_t stream) {
-    wkv7_backward_kernel<Tin, N><<<dim3(p.H, p.B), dim3(N), 0, stream>>>(p);
+    wkv7_backward_kernel<Tin, N><<<dim3(p.B * p.H), dim3(N), 0, stream>>>(p);
     return (int)cudaGetLastError();
 }
 
