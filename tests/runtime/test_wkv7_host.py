@@ -147,6 +147,41 @@ def test_empty_sequence_passes_the_state_through():
     torch.testing.assert_close(g_state, gs, rtol=0, atol=0)
 
 
+def test_forward_without_grad_skips_the_backward_buffers(monkeypatch):
+    """Under no_grad / inference_mode, or when no input requires grad, the forward allocates neither the state
+    snapshots nor sa (null pointers: the kernel skips those writes), and y and the final state are bit-identical
+    to those of a forward that keeps them for the backward."""
+    from rwkvslice.ops.wkv7_cuda import HostOps, num_chunks
+
+    buffers = []
+    real = HostOps.wkv7_forward
+
+    def spy(*args):
+        out = real(*args)
+        buffers.append((out[2].numel(), out[3].numel()))
+        return out
+
+    monkeypatch.setattr(HostOps, "wkv7_forward", staticmethod(spy))
+    B, T, H, N = 2, 37, 2, 16
+    inputs, _ = make_inputs(B, T, H, N, seed=11)
+    xs = [x.clone().requires_grad_(True) for x in inputs]
+    y, s = wkv7(*xs, backend="host")
+    full = (B * H * num_chunks(T) * N * N, B * T * H * N)
+    assert buffers == [full]
+    y.sum().backward()  # the kept buffers serve a backward
+    assert all(x.grad is not None for x in xs)
+    runs = {}
+    with torch.no_grad():
+        runs["no_grad"] = wkv7(*xs, backend="host")
+    with torch.inference_mode():
+        runs["inference_mode"] = wkv7(*xs, backend="host")
+    runs["no input requires grad"] = wkv7(*inputs, backend="host")
+    assert buffers[1:] == [(0, 0)] * 3
+    for name, (y2, s2) in runs.items():
+        assert torch.equal(y2, y.detach()) and torch.equal(s2, s.detach()), name
+        assert not y2.requires_grad, name
+
+
 def test_unsupported_head_size_is_a_one_line_error():
     inputs, _ = make_inputs(1, 3, 1, 24)
     with pytest.raises(ConfigError, match="head size 24") as e:

@@ -72,6 +72,9 @@ def _c_params(src: str, func: str) -> list[tuple[str, str]]:
     return params
 
 
+SCHEMA_TYPES = ("Tensor", "Tensor?", "bool")
+
+
 def _schemas() -> dict[str, tuple[list[str], list[str]]]:
     """op name -> (argument names, return names) from the m.def(...) strings of wkv7_op.cpp."""
     src = _strip_comments((CUDA_DIR / "wkv7_op.cpp").read_text())
@@ -83,7 +86,9 @@ def _schemas() -> dict[str, tuple[list[str], list[str]]]:
         args = [a.split()[-1] for a in sm.group(2).split(",")]
         rets = [a.split()[-1] for a in sm.group(3).split(",")]
         for decl in sm.group(2).split(",") + sm.group(3).split(","):
-            assert decl.split()[0] == "Tensor", f"{sm.group(1)}: unexpected type in {decl!r}"
+            assert decl.split()[0] in SCHEMA_TYPES, f"{sm.group(1)}: unexpected type in {decl!r}"
+        for decl in sm.group(3).split(","):
+            assert decl.split()[0] == "Tensor", f"{sm.group(1)}: returns must be plain tensors: {decl!r}"
         out[sm.group(1)] = (args, rets)
     return out
 
@@ -182,12 +187,16 @@ def test_binding_passes_launcher_arguments_in_order(op):
             passed.append(m.group(1))
         elif m := re.fullmatch(r"(\w+)\.data_ptr(<float>)?\(\)", expr):
             passed.append(m.group(1))
+        elif m := re.fullmatch(r"data_or_null(<\w+>)?\((\w+)\)", expr):  # a skipped buffer / absent input
+            passed.append(m.group(2))
         else:
             raise AssertionError(f"unrecognised argument {expr!r}")
     assert passed == declared
-    # And the schema's tensors all reach the kernel (the outputs are allocated in between).
+    # And the schema's tensors all reach the kernel (the outputs are allocated in between); flags (bool) are
+    # turned into null pointers by the binding.
     args, rets = _schemas()[op]
-    assert set(args) | set(rets) <= set(declared)
+    flags = {"need_backward"}
+    assert (set(args) - flags) | set(rets) <= set(declared)
 
 
 def _eval_argtypes(tree: ast.Module, func: str) -> list[str]:

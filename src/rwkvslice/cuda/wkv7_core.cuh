@@ -99,8 +99,8 @@ struct Wkv7ForwardArgs {
     const float* s0;  // (B, H, N, N) or nullptr for a zero initial state
     Tin* y;
     float* sT;        // final state (B, H, N, N)
-    float* snap;      // snapshots, see the layout above
-    float* sa;        // (B, T, H, N)
+    float* snap;      // snapshots, see the layout above; nullptr when no backward will run (not written)
+    float* sa;        // (B, T, H, N); nullptr together with snap
 };
 
 template <typename Tin>
@@ -166,8 +166,8 @@ WKV7_HD void wkv7_forward_step(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int
     }
     const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
     wkv7_store(p.y + x, y);
-    p.sa[x] = sa;
-    if (wkv7_is_chunk_end(p.T, t)) {
+    if (p.sa) p.sa[x] = sa;
+    if (p.snap && wkv7_is_chunk_end(p.T, t)) {
         const wkv7_index base = wkv7_snapshot_base(p.T, p.H, N, bb, h, t / WKV7_CHUNK_LEN) + i;
         WKV7_UNROLL
         for (int j = 0; j < N; j++) p.snap[base + (wkv7_index)j * N] = state[j];  // [key j][value i]

@@ -41,13 +41,17 @@ void check_fp32(const char* name, const at::Tensor& x, at::IntArrayRef shape, co
     TORCH_CHECK(x.is_contiguous(), "rwkvslice wkv7: ", name, " must be contiguous");
 }
 
+// Data pointer of an fp32 buffer, or nullptr for an empty one: an output the kernel skips (the snapshots and sa
+// of a forward that no backward will follow).
+float* data_or_null(const at::Tensor& x) { return x.numel() ? x.data_ptr<float>() : nullptr; }
+
 void check_launch(const char* op, int rc) {
     TORCH_CHECK(rc == 0, "rwkvslice ", op, ": ", rwkvslice::wkv7_cuda_error_string(rc));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
     const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
-    const at::Tensor& b, const at::Tensor& s0) {
+    const at::Tensor& b, const at::Tensor& s0, bool need_backward) {
     check_sequence("r", r, r);
     check_sequence("w", w, r);
     check_sequence("k", k, r);
@@ -60,13 +64,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_forward(
     const auto f32 = r.options().dtype(at::kFloat);
     at::Tensor y = at::empty_like(r);
     at::Tensor sT = at::empty({B, H, N, N}, f32);
-    at::Tensor snap = at::empty({B, H, rwkvslice::wkv7_cuda_num_chunks((int)T), N, N}, f32);
-    at::Tensor sa = at::empty({B, T, H, N}, f32);
+    // The backward's buffers (snapshots ~ T/16 states, sa ~ y): empty when nothing requires grad.
+    at::Tensor snap = need_backward ? at::empty({B, H, rwkvslice::wkv7_cuda_num_chunks((int)T), N, N}, f32)
+                                    : at::empty({0}, f32);
+    at::Tensor sa = need_backward ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);
     check_launch("wkv7_forward",
                  rwkvslice::wkv7_cuda_forward(dtype_code(r), (int)B, (int)T, (int)H, (int)N, r.data_ptr(),
                                               w.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(),
                                               s0.data_ptr<float>(), y.data_ptr(), sT.data_ptr<float>(),
-                                              snap.data_ptr<float>(), sa.data_ptr<float>(),
+                                              data_or_null(snap), data_or_null(sa),
                                               c10::cuda::getCurrentCUDAStream().stream()));
     return {y, sT, snap, sa};
 }
@@ -104,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // A fragment, so another rwkvslice extension may add ops to the same namespace.
 TORCH_LIBRARY_FRAGMENT(rwkvslice, m) {
-    m.def("wkv7_forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0)"
-          " -> (Tensor y, Tensor sT, Tensor snap, Tensor sa)");
+    m.def("wkv7_forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0,"
+          " bool need_backward) -> (Tensor y, Tensor sT, Tensor snap, Tensor sa)");
     m.def("wkv7_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor dy, Tensor dsT,"
           " Tensor snap, Tensor sa) -> (Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor da, Tensor db,"
           " Tensor ds0)");

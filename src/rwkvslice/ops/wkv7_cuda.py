@@ -3,7 +3,7 @@ same arithmetic compiled for the CPU, for tests).
 
 Both run one autograd.Function, `_WKV7Function`, over an "ops" object with two calls mirroring the kernel:
 
-    y, sT, snap, sa = ops.wkv7_forward(r, w, k, v, a, b, s0)
+    y, sT, snap, sa = ops.wkv7_forward(r, w, k, v, a, b, s0, need_backward)  # snap, sa empty if not need_backward
     dr, dw, dk, dv, da, db, ds0 = ops.wkv7_backward(r, w, k, v, a, b, dy, dsT, snap, sa)
 
 For "cuda" the ops are torch.ops.rwkvslice (registered by cuda/wkv7_op.cpp); for "host" they are
@@ -50,12 +50,13 @@ class HostOps:
         return lib
 
     @staticmethod
-    def wkv7_forward(r, w, k, v, a, b, s0):
+    def wkv7_forward(r, w, k, v, a, b, s0, need_backward):
         B, T, H, N = r.shape
         y = torch.empty_like(r)
         sT = r.new_empty(B, H, N, N)
-        snap = r.new_empty(B, H, num_chunks(T), N, N)
-        sa = r.new_empty(B, T, H, N)
+        # The backward's buffers; empty (a null pointer: the kernel skips them) when no backward will run.
+        snap = r.new_empty(B, H, num_chunks(T), N, N) if need_backward else r.new_empty(0)
+        sa = r.new_empty(B, T, H, N) if need_backward else r.new_empty(0)
         rc = HostOps._lib().rwkvslice_wkv7_host_forward(
             B, T, H, N, *_ptrs(r, w, k, v, a, b, s0, y, sT, snap, sa)
         )
@@ -74,10 +75,11 @@ class HostOps:
         return dr, dw, dk, dv, da, db, ds0
 
 
-def _ptrs(*tensors: torch.Tensor) -> list[int]:
+def _ptrs(*tensors: torch.Tensor) -> list[int | None]:
+    """Raw pointers for the host library; an empty tensor passes a null pointer (an output to skip)."""
     for x in tensors:  # the C side indexes raw memory: anything else would be read wrongly, not rejected
         assert x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-    return [x.data_ptr() for x in tensors]
+    return [x.data_ptr() if x.numel() else None for x in tensors]
 
 
 def _check_rc(what: str, rc: int, N: int) -> None:
@@ -91,10 +93,11 @@ class _WKV7Function(torch.autograd.Function):
     """y, final state = WKV-7(r, w, k, v, a, b, s0) through `ops`; inputs already in the kernel's dtype."""
 
     @staticmethod
-    def forward(ctx, ops, r, w, k, v, a, b, s0):
-        y, sT, snap, sa = ops.wkv7_forward(r, w, k, v, a, b, s0)
+    def forward(ctx, ops, need_backward, r, w, k, v, a, b, s0):
+        y, sT, snap, sa = ops.wkv7_forward(r, w, k, v, a, b, s0, need_backward)
         ctx.ops = ops
-        ctx.save_for_backward(r, w, k, v, a, b, snap, sa)
+        if need_backward:
+            ctx.save_for_backward(r, w, k, v, a, b, snap, sa)
         return y, sT
 
     @staticmethod
@@ -104,7 +107,7 @@ class _WKV7Function(torch.autograd.Function):
         dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
         dsT = r.new_zeros(B, H, N, N, dtype=torch.float32) if dsT is None else dsT.float().contiguous()
         dr, dw, dk, dv, da, db, ds0 = ctx.ops.wkv7_backward(r, w, k, v, a, b, dy, dsT, snap, sa)
-        return None, dr, dw, dk, dv, da, db, ds0
+        return None, None, dr, dw, dk, dv, da, db, ds0
 
 
 def _run(ops, compute_dtype, r, w, k, v, a, b, state):
@@ -116,7 +119,10 @@ def _run(ops, compute_dtype, r, w, k, v, a, b, state):
         s0 = r.new_zeros(B, H, N, N, dtype=torch.float32)
     else:
         s0 = state.to(device=r.device, dtype=torch.float32).contiguous()
-    y, sT = _WKV7Function.apply(ops, r, w, k, v, a, b, s0)
+    # Under no_grad (or with no input requiring grad) the forward skips the backward's state snapshots (T/16
+    # states) and sa (the size of y). ctx.needs_input_grad cannot tell: it stays True under no_grad.
+    need_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b, s0))
+    y, sT = _WKV7Function.apply(ops, need_backward, r, w, k, v, a, b, s0)
     return y.to(in_dtype), sT
 
 
