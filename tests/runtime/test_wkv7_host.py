@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rwkvslice.cuda import build
 from rwkvslice.errors import ConfigError, RWKVSliceError
 from rwkvslice.ops import wkv7
-from rwkvslice.ops.wkv7_cuda import CHUNK_LEN
+from rwkvslice.ops.wkv7_cuda import CHUNK_LEN, wkv7_host
 from rwkvslice.ops.wkv7_reference import wkv7_reference
 
 NAMES = ("r", "w", "k", "v", "a", "b", "state")
@@ -53,7 +53,9 @@ def make_inputs(B, T, H, N, *, seed=0, w_value=None):
 
 
 def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm()).item()
+    """Relative norm error; against an all-zero reference (a gradient a reset cuts off), the absolute norm."""
+    diff = (got.double() - want).norm()
+    return (diff / want.norm() if want.any() else diff).item()
 
 
 def run_both(inputs, upstream, *, with_state=True):
@@ -196,6 +198,157 @@ def test_cuda_backend_rejects_cpu_tensors_in_one_line():
     assert "\n" not in str(e.value)
 
 
+# ---- resets (packed sequences) ---------------------------------------------------------------------------
+
+RESET_NAMES = (*NAMES, "reset_state")
+
+
+def reference_with_resets(r, w, k, v, a, b, state, resets, reset_state):
+    """fp64 loop written from the definition: where resets[b, t], the state before step t is reset_state[b]."""
+    decay = torch.exp(-torch.exp(w))
+    S, ys = state, []
+    for t in range(r.shape[1]):
+        S = torch.where(resets[:, t, None, None, None], reset_state, S)
+        sa = S @ a[:, t, :, :, None]  # (B, H, N, 1)
+        S = S * decay[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))
+    return torch.stack(ys, dim=1), S
+
+
+def make_resets(B, T, *, seed, forced=()):
+    """Random resets (p = 0.1) plus, for batch row i, the steps forced[i] (those below T)."""
+    g = torch.Generator().manual_seed(seed)
+    resets = torch.rand(B, T, generator=g) < 0.1
+    for i, steps in enumerate(forced[:B]):
+        for t in steps:
+            if t < T:
+                resets[i, t] = True
+    return resets
+
+
+def run_with_resets(inputs, upstream, resets, reset_state):
+    """(y, final state, 8 gradients) from backend="host" and from the fp64 loop: r..b, state, reset_state."""
+    gy, gs = upstream
+    xs = [x.clone().requires_grad_(True) for x in (*inputs, reset_state)]
+    xd = [x.detach().double().requires_grad_(True) for x in (*inputs, reset_state)]
+    y, s = wkv7_host(*xs[:7], resets=resets, reset_state=xs[7])
+    grads = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)
+    yr, sr = reference_with_resets(*xd[:7], resets, xd[7])
+    grads_ref = torch.autograd.grad((yr * gy.double()).sum() + (sr * gs.double()).sum(), xd)
+    return (y, s, grads), (yr, sr, grads_ref)
+
+
+def assert_reset_run_close(got, want, tol):
+    (y, s, grads), (yr, sr, grads_ref) = got, want
+    errors = {"y": rel_err(y, yr), "final_state": rel_err(s, sr)}
+    errors |= {f"d{n}": rel_err(g, gr) for n, g, gr in zip(RESET_NAMES, grads, grads_ref, strict=True)}
+    bad = {k: f"{e:.2e}" for k, e in errors.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+# Per batch row: resets at the first step, at both edges of the first chunk boundary, mid-chunk twice in one
+# chunk, and at the last step (T - 1 is added per test).
+FORCED = ((0, 15, 16), (1, 5, 9, 17), (31, 32, 47))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100])
+def test_resets_match_fp64_reference(B, T):
+    inputs, upstream = make_inputs(B, T, 2, 64, seed=T * 10 + B + 1)
+    forced = tuple((*steps, T - 1) if i == B - 1 else steps for i, steps in enumerate(FORCED))
+    resets = make_resets(B, T, seed=T + B, forced=forced)
+    reset_state = torch.randn(B, 2, 64, 64, generator=torch.Generator().manual_seed(T))
+    got, want = run_with_resets(inputs, upstream, resets, reset_state)
+    assert_reset_run_close(got, want, FP32_REL)
+
+
+def test_a_reset_at_every_position_of_three_chunks():
+    """Batch row i resets at step i only (rows 0..T-1: every step, chunk starts, ends and middles); the rows
+    after that reset twice in one chunk. Small heads, so the loop covers every position in one call."""
+    T = 40
+    resets = torch.zeros(T + 8, T, dtype=torch.bool)
+    resets[torch.arange(T), torch.arange(T)] = True
+    for row, (t1, t2) in enumerate(
+        [(2, 9), (16, 31), (17, 18), (30, 33), (0, 39), (14, 15), (20, 21), (33, 38)]
+    ):
+        resets[T + row, [t1, t2]] = True
+    inputs, upstream = make_inputs(T + 8, T, 1, 8, seed=21)
+    reset_state = torch.randn(T + 8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert_reset_run_close(*run_with_resets(inputs, upstream, resets, reset_state), FP32_REL)
+
+
+def test_resets_all_false_equal_no_resets_bit_for_bit():
+    inputs, upstream = make_inputs(3, 37, 2, 16, seed=4)
+    gy, gs = upstream
+    reset_state = torch.randn(3, 2, 16, 16)
+    outs = []
+    for resets in (None, torch.zeros(3, 37, dtype=torch.bool)):
+        xs = [x.clone().requires_grad_(True) for x in (*inputs, reset_state)]
+        y, s = wkv7_host(*xs[:7], resets=resets, reset_state=xs[7])
+        wanted = xs if resets is not None else xs[:7]  # without resets reset_state is not used at all
+        grads = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), wanted)
+        outs.append((y, s, *grads))
+    assert not outs[1][-1].any()  # no reset happens: reset_state's gradient is zero
+    for name, x, x_none in zip(("y", "final_state", *NAMES), outs[1][:-1], outs[0], strict=True):
+        assert torch.equal(x, x_none), name
+
+
+def test_a_reset_at_step_0_equals_starting_from_reset_state():
+    """The carried state is replaced before the first step: same outputs and gradients, bit for bit, as a run
+    starting from reset_state, and the carried state gets a zero gradient."""
+    inputs, upstream = make_inputs(2, 37, 2, 16, seed=6)
+    gy, gs = upstream
+    reset_state = torch.randn(2, 2, 16, 16)
+    resets = torch.zeros(2, 37, dtype=torch.bool)
+    resets[:, 0] = True
+    xs = [x.clone().requires_grad_(True) for x in (*inputs, reset_state)]
+    y, s = wkv7_host(*xs[:7], resets=resets, reset_state=xs[7])
+    grads = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)
+    xs2 = [x.clone().requires_grad_(True) for x in (*inputs[:6], reset_state)]
+    y2, s2 = wkv7_host(*xs2)
+    grads2 = torch.autograd.grad((y2 * gy).sum() + (s2 * gs).sum(), xs2)
+    assert torch.equal(y, y2) and torch.equal(s, s2)
+    for name, g, g2 in zip(NAMES[:6], grads[:6], grads2[:6], strict=True):
+        assert torch.equal(g, g2), name
+    assert not grads[6].any()  # the carried state
+    assert torch.equal(grads[7], grads2[6])  # reset_state's gradient is the initial state's
+
+
+def test_resets_without_grad_and_with_a_zero_reset_state():
+    """reset_state=None means zeros; under no_grad the same y and final state as with gradients enabled."""
+    inputs, _ = make_inputs(2, 33, 1, 8, seed=8)
+    resets = make_resets(2, 33, seed=1, forced=((3, 16), (20,)))
+    y, s = wkv7_host(*inputs, resets=resets, reset_state=torch.zeros(2, 1, 8, 8))
+    with torch.no_grad():
+        y0, s0 = wkv7_host(*inputs, resets=resets)
+    assert torch.equal(y, y0) and torch.equal(s, s0)
+    yr, sr = reference_with_resets(*(x.double() for x in inputs), resets, torch.zeros(2, 1, 8, 8).double())
+    assert rel_err(y0, yr) < FP32_REL and rel_err(s0, sr) < FP32_REL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"resets": torch.zeros(2, 4, dtype=torch.bool)}, r"resets has shape \(2, 4\), expected \(2, 5\)"),
+        ({"resets": torch.zeros(2, 5, dtype=torch.int64)}, "resets must be torch.bool, got torch.int64"),
+        ({"resets": torch.zeros(2, 5, dtype=torch.bool, device="meta")}, "resets is on meta, r on cpu"),
+        ({"resets": [[False] * 5] * 2}, "resets must be a tensor, got list"),
+        (
+            {"reset_state": torch.zeros(2, 3, 8, 8)},
+            r"reset_state has shape \(2, 3, 8, 8\), expected \(2, 1, 8, 8\)",
+        ),
+        ({"reset_state": torch.zeros(2, 1, 8, 8, dtype=torch.float64)}, "reset_state must be torch.float32"),
+        ({"reset_state": torch.zeros(2, 1, 8, 8, device="meta")}, "reset_state is on meta, r on cpu"),
+    ],
+)
+def test_bad_resets_are_one_line_errors(kwargs, message):
+    inputs, _ = make_inputs(2, 5, 1, 8)
+    kwargs = {"resets": torch.zeros(2, 5, dtype=torch.bool)} | kwargs
+    with pytest.raises(ConfigError, match=message) as e:
+        wkv7_host(*inputs, **kwargs)
+    assert "\n" not in str(e.value) and str(e.value).startswith("wkv7 backend='host': ")
+
+
 # ---- the build cache ------------------------------------------------------------------------------------
 
 
@@ -280,7 +433,9 @@ def test_library_that_cannot_be_loaded_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(build, "host_library_path", lambda: bogus)
     with pytest.raises(build.KernelBuildError) as e:
         build.load_host_library.__wrapped__()  # bypass the per-process cache of the real library
-    assert str(e.value).startswith(f"cannot load the WKV-7 host kernel {bogus}: ") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"cannot load the WKV-7 host kernel {bogus}: ") and "\n" not in str(
+        e.value
+    )
 
 
 def test_cuda_extension_name_embeds_the_source_hash(tmp_path, monkeypatch):

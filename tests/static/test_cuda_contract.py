@@ -276,4 +276,25 @@ def test_grid_puts_batch_and_heads_on_x():
     grids = re.findall(r"<<<\s*([^,]*\([^)]*\)|[^,]*)\s*,", cu)
     assert len(grids) == 2 and all(re.fullmatch(r"dim3\(p\.B \* p\.H\)", g.strip()) for g in grids), grids
     assert not re.search(r"blockIdx\.[yz]|gridDim\.[yz]", cu)
-    assert re.search(r"bb = blockIdx\.x / p\.H, h = blockIdx\.x % p\.H", cu)
+    for kind in ("forward", "backward"):
+        assert re.search(rf"wkv7_{kind}_block<N>\(blk, p, blockIdx\.x / p\.H, blockIdx\.x % p\.H, step\)", cu)
+
+
+PER_THREAD_BODIES = re.compile(r"\bwkv7_(forward|backward)_(begin|load|step|phase1|phase2|reset|replay|end)\b")
+
+
+def test_gpu_and_host_run_the_same_drivers():
+    """The kernels and the host build only place blocks: every per-thread body and every barrier is in the shared
+    drivers of wkv7_core.cuh, so the CPU tests run the GPU's phase order (a barrier the .cu adds or drops on its
+    own would escape them). The device policy ends each phase with __syncthreads(); the host one loops."""
+    core = _strip_comments((CUDA_DIR / "wkv7_core.cuh").read_text())
+    for name in ("wkv7_cuda.cu", "wkv7_host.cpp"):
+        src = _strip_comments((CUDA_DIR / name).read_text())
+        assert not PER_THREAD_BODIES.search(src), f"{name} calls a per-thread body outside the drivers"
+        assert "__syncthreads" not in src and "__syncwarp" not in src, name
+        assert {"wkv7_forward_block", "wkv7_backward_block"} <= set(re.findall(r"wkv7_\w+_block", src)), name
+    assert core.count("__syncthreads") == 1
+    device = re.search(r"struct Wkv7DeviceBlock \{(.*?)\n\};", core, flags=re.S).group(1)
+    assert re.search(r"body\(\(int\)threadIdx\.x\);\s*__syncthreads\(\);", device)
+    host = re.search(r"struct Wkv7HostBlock \{(.*?)\n\};", core, flags=re.S).group(1)
+    assert re.search(r"for \(int i = 0; i < N; i\+\+\) body\(i\);", host)

@@ -121,9 +121,9 @@ def load_host_library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelBuildError(f"cannot load the WKV-7 host kernel {path}: {e}") from None
-    lib.rwkvslice_wkv7_host_forward.argtypes = [_INT] * 4 + [_PTR] * 11
+    lib.rwkvslice_wkv7_host_forward.argtypes = [_INT] * 4 + [_PTR] * 13
     lib.rwkvslice_wkv7_host_forward.restype = _INT
-    lib.rwkvslice_wkv7_host_backward.argtypes = [_INT] * 4 + [_PTR] * 17
+    lib.rwkvslice_wkv7_host_backward.argtypes = [_INT] * 4 + [_PTR] * 21
     lib.rwkvslice_wkv7_host_backward.restype = _INT
     lib.rwkvslice_wkv7_chunk_len.argtypes = []
     lib.rwkvslice_wkv7_chunk_len.restype = _INT

@@ -1,7 +1,9 @@
-// WKV-7 per-head arithmetic, written once and compiled twice:
+// WKV-7 per-head arithmetic and the order of its phases, written once and compiled twice:
 //   * by nvcc into the CUDA kernels (wkv7_cuda.cu): one thread block per (batch, head), one thread per row;
 //   * by the host C++ compiler into wkv7_host.cpp, which runs the "threads" of a block one after another,
-//     so CPU-only CI checks the kernel's own arithmetic against the fp64 reference.
+//     phase by phase, so CPU-only CI checks the kernel's own arithmetic and barrier placement against the
+//     fp64 reference. Both call the same drivers (wkv7_forward_block / wkv7_backward_block, at the end), with
+//     the barrier as a policy: __syncthreads() on the GPU, the end of a loop over the threads on the host.
 //
 // Recurrence (per batch and head; S is N x N in the official [value i][key j] layout):
 //   decay_t = exp(-exp(w_t))
@@ -24,6 +26,13 @@
 //   decay = 0.37 everywhere (w = 0, outside the model's range) ~7e-2
 // So decays near 0 (w >> 0) make the backward useless, and decay == 0 (w = +inf) divides by zero.
 //
+// Resets (packed sequences): where resets[b][t] is true, the state before step t is replaced by reset_state[b]
+// (zeros when absent), so S_{t-1} above reads reset_state there. Its gradient is the sum, over the reset
+// steps, of the gradient reaching the state entering them; the state carried into a reset gets none. The
+// backward cannot backstep across a reset (the reset erased S_{t-1}), so at a reset inside a chunk it replays
+// the chunk forward from the chunk's start (previous snapshot or s0) with the saved sa: at most
+// WKV7_CHUNK_LEN - 1 extra steps per reset, no extra memory.
+//
 // Thread roles: in the forward, thread i owns row i of S (value index i). In the backward, thread i owns
 // column i of S (key index i) for the rebuilt state, plus row i and column i of dS, so every sum the
 // gradients need runs over a thread's own registers and no cross-thread reduction is needed.
@@ -31,12 +40,16 @@
 // Tensor layouts (all contiguous, element index computed by the helpers below):
 //   r, w, k, v, a, b, y, dy and all input gradients: (B, T, H, N), the same as the op's Python inputs;
 //   sa: (B, T, H, N) fp32;
-//   s0, sT, dsT, ds0: (B, H, N, N) fp32, [value][key];
+//   s0, sT, dsT, ds0, reset_state, dreset_state: (B, H, N, N) fp32, [value][key];
+//   resets: (B, T) bool;
 //   snapshots: (B, H, ceil(T / WKV7_CHUNK_LEN), N, N) fp32, stored TRANSPOSED as [key][value] so that the
 //   forward's writes (thread = value row) are coalesced.
 #pragma once
 
 #include <cmath>  // std::exp for the host side (nvcc also compiles the host half of each function)
+#if !defined(__CUDACC__)
+#include <vector>  // Wkv7HostBlock
+#endif
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -96,11 +109,13 @@ template <typename Tin>
 struct Wkv7ForwardArgs {
     int B, T, H;
     const Tin *r, *w, *k, *v, *a, *b;
-    const float* s0;  // (B, H, N, N) or nullptr for a zero initial state
+    const float* s0;           // (B, H, N, N) or nullptr for a zero initial state
+    const bool* resets;        // (B, T) or nullptr: where true, the state before step t is reset_state
+    const float* reset_state;  // (B, H, N, N) or nullptr for zeros
     Tin* y;
-    float* sT;        // final state (B, H, N, N)
-    float* snap;      // snapshots, see the layout above; nullptr when no backward will run (not written)
-    float* sa;        // (B, T, H, N); nullptr together with snap
+    float* sT;                 // final state (B, H, N, N)
+    float* snap;               // snapshots, see the layout above; nullptr when no backward will run (not written)
+    float* sa;                 // (B, T, H, N); nullptr together with snap
 };
 
 template <typename Tin>
@@ -110,8 +125,12 @@ struct Wkv7BackwardArgs {
     const float* dsT;  // gradient of the final state, or nullptr for zero
     const float* snap;
     const float* sa;
+    const float* s0;           // the forward's initial state (or nullptr): the replay after a reset starts there
+    const bool* resets;        // as in the forward
+    const float* reset_state;
     Tin *dr, *dw, *dk, *dv, *da, *db;
-    float* ds0;        // gradient of the initial state (B, H, N, N)
+    float* ds0;           // gradient of the initial state (B, H, N, N)
+    float* dreset_state;  // gradient of reset_state (B, H, N, N), written when resets is not nullptr
 };
 
 // The vectors of one time step, shared by the threads of a block (__shared__ on the GPU).
@@ -127,14 +146,25 @@ struct Wkv7BackwardStep {
     float dsa[N];        // dL/d(sa_t), written in phase 1, read in phase 2
 };
 
-// ---- forward -----------------------------------------------------------------------------------------
+// resets[bb][t], false without resets. Every thread of a block reads the same flag, so branches on it are uniform.
+WKV7_HD bool wkv7_is_reset(const bool* resets, int T, int bb, int t) {
+    return resets != nullptr && resets[(wkv7_index)bb * T + t];
+}
+
+// ---- forward: per-thread bodies ----------------------------------------------------------------------
+
+// Registers of forward thread i.
+template <int N>
+struct Wkv7ForwardThread {
+    float state[N];  // state[j] = S[i][j]: row i of the state
+};
 
 // Thread i: load row i of the initial state.
 template <int N, typename Tin>
-WKV7_HD void wkv7_forward_begin(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, float (&state)[N]) {
+WKV7_HD void wkv7_forward_begin(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, Wkv7ForwardThread<N>& f) {
     const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
     WKV7_UNROLL
-    for (int j = 0; j < N; j++) state[j] = p.s0 ? p.s0[base + j] : 0.0f;
+    for (int j = 0; j < N; j++) f.state[j] = p.s0 ? p.s0[base + j] : 0.0f;
 }
 
 // Thread i: load channel i of step t into the shared step vectors.
@@ -150,19 +180,25 @@ WKV7_HD void wkv7_forward_load(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int
     s.b[i] = wkv7_to_float(p.b[x]);
 }
 
-// Thread i: advance row i of the state by step t; write y, sa and, at a chunk end, the snapshot row.
+// Thread i: advance row i of the state by step t (after replacing it by reset_state's row at a reset); write
+// y, sa and, at a chunk end, the snapshot row (those two only when a backward will run).
 template <int N, typename Tin>
 WKV7_HD void wkv7_forward_step(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int t, int i,
-                               const Wkv7ForwardStep<N>& s, float (&state)[N]) {
+                               const Wkv7ForwardStep<N>& s, Wkv7ForwardThread<N>& f) {
+    if (wkv7_is_reset(p.resets, p.T, bb, t)) {
+        const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) f.state[j] = p.reset_state ? p.reset_state[base + j] : 0.0f;
+    }
     float sa = 0.0f;
     WKV7_UNROLL
-    for (int j = 0; j < N; j++) sa += state[j] * s.a[j];
+    for (int j = 0; j < N; j++) sa += f.state[j] * s.a[j];
     const float vi = s.v[i];
     float y = 0.0f;
     WKV7_UNROLL
     for (int j = 0; j < N; j++) {
-        state[j] = state[j] * s.decay[j] + sa * s.b[j] + vi * s.k[j];
-        y += state[j] * s.r[j];
+        f.state[j] = f.state[j] * s.decay[j] + sa * s.b[j] + vi * s.k[j];
+        y += f.state[j] * s.r[j];
     }
     const wkv7_index x = wkv7_token_index(p.T, p.H, N, bb, t, h, i);
     wkv7_store(p.y + x, y);
@@ -170,19 +206,19 @@ WKV7_HD void wkv7_forward_step(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int
     if (p.snap && wkv7_is_chunk_end(p.T, t)) {
         const wkv7_index base = wkv7_snapshot_base(p.T, p.H, N, bb, h, t / WKV7_CHUNK_LEN) + i;
         WKV7_UNROLL
-        for (int j = 0; j < N; j++) p.snap[base + (wkv7_index)j * N] = state[j];  // [key j][value i]
+        for (int j = 0; j < N; j++) p.snap[base + (wkv7_index)j * N] = f.state[j];  // [key j][value i]
     }
 }
 
 // Thread i: write row i of the final state.
 template <int N, typename Tin>
-WKV7_HD void wkv7_forward_end(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, const float (&state)[N]) {
+WKV7_HD void wkv7_forward_end(const Wkv7ForwardArgs<Tin>& p, int bb, int h, int i, const Wkv7ForwardThread<N>& f) {
     const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
     WKV7_UNROLL
-    for (int j = 0; j < N; j++) p.sT[base + j] = state[j];
+    for (int j = 0; j < N; j++) p.sT[base + j] = f.state[j];
 }
 
-// ---- backward ----------------------------------------------------------------------------------------
+// ---- backward: per-thread bodies ---------------------------------------------------------------------
 
 // Registers of backward thread i.
 template <int N>
@@ -192,7 +228,7 @@ struct Wkv7BackwardThread {
     float dstateT[N];  // dstateT[j] = dS[j][i]: column i of the state gradient
 };
 
-// Thread i: start from the gradient of the final state.
+// Thread i: start from the gradient of the final state; zero row i of reset_state's gradient.
 template <int N, typename Tin>
 WKV7_HD void wkv7_backward_begin(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int i, Wkv7BackwardThread<N>& g) {
     const wkv7_index base = wkv7_state_base(p.H, N, bb, h);
@@ -201,6 +237,9 @@ WKV7_HD void wkv7_backward_begin(const Wkv7BackwardArgs<Tin>& p, int bb, int h, 
         g.stateT[j] = 0.0f;
         g.dstate[j] = p.dsT ? p.dsT[base + (wkv7_index)i * N + j] : 0.0f;
         g.dstateT[j] = p.dsT ? p.dsT[base + (wkv7_index)j * N + i] : 0.0f;
+    }
+    if (p.resets) {
+        for (int j = 0; j < N; j++) p.dreset_state[base + (wkv7_index)i * N + j] = 0.0f;
     }
 }
 
@@ -281,6 +320,46 @@ WKV7_HD void wkv7_backward_phase2(const Wkv7BackwardArgs<Tin>& p, int bb, int h,
     wkv7_store(p.da + wkv7_token_index(p.T, p.H, N, bb, t, h, i), da);
 }
 
+// Thread i, after phase 2 of a step t with resets[bb][t]. The state entering step t was reset_state, so the
+// gradient just computed (dS_{t-1}) is reset_state's, and the state carried out of step t - 1 gets none.
+// Backstepping cannot rebuild that carried state (the reset erased it), so unless step t - 1 ends a chunk (then
+// its snapshot is reloaded anyway) the driver replays the chunk forward from its start up to step t - 1:
+// here, load the replay's start, column i of the state before the chunk (the previous snapshot, or s0).
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_reset(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int t, int i,
+                                 Wkv7BackwardThread<N>& g) {
+    const wkv7_index row = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+    for (int j = 0; j < N; j++) p.dreset_state[row + j] += g.dstate[j];
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) g.dstate[j] = g.dstateT[j] = 0.0f;
+    const int chunk = t / WKV7_CHUNK_LEN;
+    if (t % WKV7_CHUNK_LEN == 0) return;  // step t - 1 (if any) ends a chunk: nothing to replay
+    if (chunk > 0) {
+        const wkv7_index base = wkv7_snapshot_base(p.T, p.H, N, bb, h, chunk - 1) + (wkv7_index)i * N;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) g.stateT[j] = p.snap[base + j];
+    } else {
+        const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + i;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) g.stateT[j] = p.s0 ? p.s0[base + (wkv7_index)j * N] : 0.0f;
+    }
+}
+
+// Thread i: replay step u forward on column i of the state (its step vectors loaded), with the sa the forward
+// saved, so no reduction across threads is needed: S_u[j][i] = S_{u-1}[j][i] decay_i + sa_j b_i + v_j k_i.
+template <int N, typename Tin>
+WKV7_HD void wkv7_backward_replay(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int u, int i,
+                                  const Wkv7BackwardStep<N>& s, Wkv7BackwardThread<N>& g) {
+    if (wkv7_is_reset(p.resets, p.T, bb, u)) {
+        const wkv7_index base = wkv7_state_base(p.H, N, bb, h) + i;
+        WKV7_UNROLL
+        for (int j = 0; j < N; j++) g.stateT[j] = p.reset_state ? p.reset_state[base + (wkv7_index)j * N] : 0.0f;
+    }
+    const float di = s.decay[i], bi = s.b[i], ki = s.k[i];
+    WKV7_UNROLL
+    for (int j = 0; j < N; j++) g.stateT[j] = g.stateT[j] * di + s.sa[j] * bi + s.v[j] * ki;
+}
+
 // Thread i: write row i of the initial state's gradient.
 template <int N, typename Tin>
 WKV7_HD void wkv7_backward_end(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int i, const Wkv7BackwardThread<N>& g) {
@@ -288,3 +367,83 @@ WKV7_HD void wkv7_backward_end(const Wkv7BackwardArgs<Tin>& p, int bb, int h, in
     WKV7_UNROLL
     for (int j = 0; j < N; j++) p.ds0[base + j] = g.dstate[j];
 }
+
+// ---- the drivers: one block's phases, shared by the GPU kernels and the host build -----------------------
+//
+// A block runs a sequence of phases. `blk.phase(body)` runs body(i) for every thread i of the block, then
+// a barrier: on the GPU (Wkv7DeviceBlock) thread i is threadIdx.x and the barrier is __syncthreads(); on the
+// host (Wkv7HostBlock) the N bodies run one after another, so the phase's end is the barrier. A body may
+// read what other threads wrote to `step` (shared memory on the GPU) only in an EARLIER phase: two phases
+// merged into one would race on the GPU and, on the host, hand thread i a mix of old and new values, which the
+// CPU tests catch (tests/runtime/test_wkv7_host.py merges each pair of adjacent phases below and checks that).
+// `typename Block::template PerThread<T>` is one T per thread: registers on the GPU, an array on the host.
+
+template <int N, typename Tin, typename Block>
+WKV7_HD void wkv7_forward_block(Block& blk, const Wkv7ForwardArgs<Tin>& p, int bb, int h,
+                                Wkv7ForwardStep<N>& step) {
+    typename Block::template PerThread<Wkv7ForwardThread<N>> th;
+    blk.phase([&](int i) { wkv7_forward_begin<N>(p, bb, h, i, th[i]); });
+    for (int t = 0; t < p.T; t++) {
+        blk.phase([&](int i) { wkv7_forward_load<N>(p, bb, h, t, i, step); });
+        blk.phase([&](int i) { wkv7_forward_step<N>(p, bb, h, t, i, step, th[i]); });
+    }
+    blk.phase([&](int i) { wkv7_forward_end<N>(p, bb, h, i, th[i]); });
+}
+
+template <int N, typename Tin, typename Block>
+WKV7_HD void wkv7_backward_block(Block& blk, const Wkv7BackwardArgs<Tin>& p, int bb, int h,
+                                 Wkv7BackwardStep<N>& step) {
+    typename Block::template PerThread<Wkv7BackwardThread<N>> th;
+    blk.phase([&](int i) { wkv7_backward_begin<N>(p, bb, h, i, th[i]); });
+    for (int t = p.T - 1; t >= 0; t--) {
+        const bool reset = wkv7_is_reset(p.resets, p.T, bb, t);
+        blk.phase([&](int i) { wkv7_backward_load<N>(p, bb, h, t, i, step); });
+        blk.phase([&](int i) { wkv7_backward_phase1<N>(p, bb, h, t, i, step, th[i]); });
+        blk.phase([&](int i) {
+            wkv7_backward_phase2<N>(p, bb, h, t, i, step, th[i]);
+            if (reset) wkv7_backward_reset<N>(p, bb, h, t, i, th[i]);
+        });
+        if (reset) {  // replay the chunk from its start up to step t - 1 (no steps when t starts a chunk)
+            for (int u = t - t % WKV7_CHUNK_LEN; u < t; u++) {
+                blk.phase([&](int i) { wkv7_backward_load<N>(p, bb, h, u, i, step); });
+                blk.phase([&](int i) { wkv7_backward_replay<N>(p, bb, h, u, i, step, th[i]); });
+            }
+        }
+    }
+    blk.phase([&](int i) { wkv7_backward_end<N>(p, bb, h, i, th[i]); });
+}
+
+// ---- the two block policies --------------------------------------------------------------------------
+
+#if defined(__CUDACC__)
+// One CUDA block of N threads (blockDim.x == N).
+struct Wkv7DeviceBlock {
+    template <typename T>
+    struct PerThread {
+        T value;  // this thread's own copy, kept in registers once the phases are inlined
+        __device__ __forceinline__ T& operator[](int) { return value; }
+    };
+    template <typename Body>
+    __device__ __forceinline__ void phase(const Body& body) {
+        body((int)threadIdx.x);
+        __syncthreads();
+    }
+};
+#endif
+
+#if !defined(__CUDACC__)
+// The N "threads" of a block run one after another inside each phase (their registers on the heap: 3 N^2
+// floats in the backward would crowd a thread's stack at N = 128).
+template <int N>
+struct Wkv7HostBlock {
+    template <typename T>
+    struct PerThread {
+        std::vector<T> values = std::vector<T>(N);
+        T& operator[](int i) { return values[i]; }
+    };
+    template <typename Body>
+    void phase(const Body& body) {
+        for (int i = 0; i < N; i++) body(i);
+    }
+};
+#endif

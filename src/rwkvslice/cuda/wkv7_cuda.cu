@@ -9,36 +9,20 @@
 
 namespace {
 
+// The kernels only place the block: the phases and barriers are the shared drivers' (wkv7_core.cuh), the
+// same code the host build runs on the CPU.
 template <typename Tin, int N>
 __global__ void __launch_bounds__(N) wkv7_forward_kernel(const Wkv7ForwardArgs<Tin> p) {
-    const int bb = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
     __shared__ Wkv7ForwardStep<N> step;
-    float state[N];
-    wkv7_forward_begin<N>(p, bb, h, i, state);
-    for (int t = 0; t < p.T; t++) {
-        __syncthreads();  // everyone is done reading the previous step's vectors
-        wkv7_forward_load<N>(p, bb, h, t, i, step);
-        __syncthreads();
-        wkv7_forward_step<N>(p, bb, h, t, i, step, state);
-    }
-    wkv7_forward_end<N>(p, bb, h, i, state);
+    Wkv7DeviceBlock blk;
+    wkv7_forward_block<N>(blk, p, blockIdx.x / p.H, blockIdx.x % p.H, step);
 }
 
 template <typename Tin, int N>
 __global__ void __launch_bounds__(N) wkv7_backward_kernel(const Wkv7BackwardArgs<Tin> p) {
-    const int bb = blockIdx.x / p.H, h = blockIdx.x % p.H, i = threadIdx.x;
     __shared__ Wkv7BackwardStep<N> step;
-    Wkv7BackwardThread<N> g;
-    wkv7_backward_begin<N>(p, bb, h, i, g);
-    for (int t = p.T - 1; t >= 0; t--) {
-        __syncthreads();
-        wkv7_backward_load<N>(p, bb, h, t, i, step);
-        __syncthreads();
-        wkv7_backward_phase1<N>(p, bb, h, t, i, step, g);
-        __syncthreads();  // phase 2 reads every thread's dsa
-        wkv7_backward_phase2<N>(p, bb, h, t, i, step, g);
-    }
-    wkv7_backward_end<N>(p, bb, h, i, g);
+    Wkv7DeviceBlock blk;
+    wkv7_backward_block<N>(blk, p, blockIdx.x / p.H, blockIdx.x % p.H, step);
 }
 
 template <typename Tin, int N>
@@ -77,23 +61,24 @@ int dispatch_backward(int N, const Wkv7BackwardArgs<Tin>& p, cudaStream_t s) {
 
 template <typename Tin>
 int forward_typed(int B, int T, int H, int N, const void* r, const void* w, const void* k, const void* v,
-                  const void* a, const void* b, const float* s0, void* y, float* sT, float* snap, float* sa,
-                  cudaStream_t stream) {
+                  const void* a, const void* b, const float* s0, const bool* resets, const float* reset_state,
+                  void* y, float* sT, float* snap, float* sa, cudaStream_t stream) {
     const Wkv7ForwardArgs<Tin> p{B, T, H,
                                  (const Tin*)r, (const Tin*)w, (const Tin*)k, (const Tin*)v, (const Tin*)a,
-                                 (const Tin*)b, s0, (Tin*)y, sT, snap, sa};
+                                 (const Tin*)b, s0, resets, reset_state, (Tin*)y, sT, snap, sa};
     return dispatch_forward<Tin>(N, p, stream);
 }
 
 template <typename Tin>
 int backward_typed(int B, int T, int H, int N, const void* r, const void* w, const void* k, const void* v,
                    const void* a, const void* b, const void* dy, const float* dsT, const float* snap,
-                   const float* sa, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+                   const float* sa, const float* s0, const bool* resets, const float* reset_state, void* dr,
+                   void* dw, void* dk, void* dv, void* da, void* db, float* ds0, float* dreset_state,
                    cudaStream_t stream) {
     const Wkv7BackwardArgs<Tin> p{B, T, H,
                                   (const Tin*)r, (const Tin*)w, (const Tin*)k, (const Tin*)v, (const Tin*)a,
-                                  (const Tin*)b, (const Tin*)dy, dsT, snap, sa,
-                                  (Tin*)dr, (Tin*)dw, (Tin*)dk, (Tin*)dv, (Tin*)da, (Tin*)db, ds0};
+                                  (const Tin*)b, (const Tin*)dy, dsT, snap, sa, s0, resets, reset_state,
+                                  (Tin*)dr, (Tin*)dw, (Tin*)dk, (Tin*)dv, (Tin*)da, (Tin*)db, ds0, dreset_state};
     return dispatch_backward<Tin>(N, p, stream);
 }
 
@@ -102,29 +87,31 @@ int backward_typed(int B, int T, int H, int N, const void* r, const void* w, con
 namespace rwkvslice {
 
 int wkv7_cuda_forward(int dtype, int B, int T, int H, int N, const void* r, const void* w, const void* k,
-                      const void* v, const void* a, const void* b, const float* s0, void* y, float* sT,
-                      float* snap, float* sa, void* stream) {
+                      const void* v, const void* a, const void* b, const float* s0, const bool* resets,
+                      const float* reset_state, void* y, float* sT, float* snap, float* sa, void* stream) {
     if (B == 0 || H == 0) return 0;  // an empty grid is not a valid launch
     cudaStream_t s = (cudaStream_t)stream;
     if (dtype == WKV7_DTYPE_BFLOAT16)
-        return forward_typed<__nv_bfloat16>(B, T, H, N, r, w, k, v, a, b, s0, y, sT, snap, sa, s);
+        return forward_typed<__nv_bfloat16>(B, T, H, N, r, w, k, v, a, b, s0, resets, reset_state, y, sT, snap,
+                                            sa, s);
     if (dtype == WKV7_DTYPE_FLOAT32)
-        return forward_typed<float>(B, T, H, N, r, w, k, v, a, b, s0, y, sT, snap, sa, s);
+        return forward_typed<float>(B, T, H, N, r, w, k, v, a, b, s0, resets, reset_state, y, sT, snap, sa, s);
     return WKV7_ERR_DTYPE;
 }
 
 int wkv7_cuda_backward(int dtype, int B, int T, int H, int N, const void* r, const void* w, const void* k,
                        const void* v, const void* a, const void* b, const void* dy, const float* dsT,
-                       const float* snap, const float* sa, void* dr, void* dw, void* dk, void* dv, void* da,
-                       void* db, float* ds0, void* stream) {
+                       const float* snap, const float* sa, const float* s0, const bool* resets,
+                       const float* reset_state, void* dr, void* dw, void* dk, void* dv, void* da, void* db,
+                       float* ds0, float* dreset_state, void* stream) {
     if (B == 0 || H == 0) return 0;
     cudaStream_t s = (cudaStream_t)stream;
     if (dtype == WKV7_DTYPE_BFLOAT16)
-        return backward_typed<__nv_bfloat16>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snap, sa, dr, dw, dk, dv,
-                                             da, db, ds0, s);
+        return backward_typed<__nv_bfloat16>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snap, sa, s0, resets,
+                                             reset_state, dr, dw, dk, dv, da, db, ds0, dreset_state, s);
     if (dtype == WKV7_DTYPE_FLOAT32)
-        return backward_typed<float>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snap, sa, dr, dw, dk, dv, da, db,
-                                     ds0, s);
+        return backward_typed<float>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snap, sa, s0, resets, reset_state,
+                                     dr, dw, dk, dv, da, db, ds0, dreset_state, s);
     return WKV7_ERR_DTYPE;
 }
 

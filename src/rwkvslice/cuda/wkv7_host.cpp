@@ -1,49 +1,25 @@
-// Host build of the WKV-7 kernels: the arithmetic of wkv7_core.cuh compiled by the C++ compiler, for CPU
-// tests. Each CUDA block becomes one (batch, head) iteration and its N threads run one after another
-// between what are __syncthreads() barriers on the GPU. fp32 inputs only; loaded with ctypes by
-// rwkvslice/cuda/build.py, which builds this file into a shared library on first use.
-#include <vector>
-
+// Host build of the WKV-7 kernels: the drivers of wkv7_core.cuh compiled by the C++ compiler, for CPU tests.
+// Each CUDA block becomes one (batch, head) iteration run by Wkv7HostBlock: its N threads run one after
+// another inside each phase of the driver, the end of a phase standing where __syncthreads() is on the GPU.
+// fp32 inputs only; loaded with ctypes by rwkvslice/cuda/build.py, which builds this file on first use.
 #include "wkv7_core.cuh"
 
 namespace {
 
 template <int N>
-void forward_head(const Wkv7ForwardArgs<float>& p, int bb, int h) {
-    struct Row { float s[N]; };
-    std::vector<Row> rows(N);  // rows[i] = the registers of thread i (row i of the state)
-    Wkv7ForwardStep<N> step;
-    for (int i = 0; i < N; i++) wkv7_forward_begin<N>(p, bb, h, i, rows[i].s);
-    for (int t = 0; t < p.T; t++) {
-        for (int i = 0; i < N; i++) wkv7_forward_load<N>(p, bb, h, t, i, step);
-        for (int i = 0; i < N; i++) wkv7_forward_step<N>(p, bb, h, t, i, step, rows[i].s);
-    }
-    for (int i = 0; i < N; i++) wkv7_forward_end<N>(p, bb, h, i, rows[i].s);
-}
-
-template <int N>
-void backward_head(const Wkv7BackwardArgs<float>& p, int bb, int h) {
-    std::vector<Wkv7BackwardThread<N>> threads(N);
-    Wkv7BackwardStep<N> step;
-    for (int i = 0; i < N; i++) wkv7_backward_begin<N>(p, bb, h, i, threads[i]);
-    for (int t = p.T - 1; t >= 0; t--) {
-        for (int i = 0; i < N; i++) wkv7_backward_load<N>(p, bb, h, t, i, step);
-        for (int i = 0; i < N; i++) wkv7_backward_phase1<N>(p, bb, h, t, i, step, threads[i]);
-        for (int i = 0; i < N; i++) wkv7_backward_phase2<N>(p, bb, h, t, i, step, threads[i]);
-    }
-    for (int i = 0; i < N; i++) wkv7_backward_end<N>(p, bb, h, i, threads[i]);
-}
-
-template <int N>
 void forward_all(const Wkv7ForwardArgs<float>& p) {
+    Wkv7HostBlock<N> blk;
+    Wkv7ForwardStep<N> step;  // __shared__ on the GPU
     for (int bb = 0; bb < p.B; bb++)
-        for (int h = 0; h < p.H; h++) forward_head<N>(p, bb, h);
+        for (int h = 0; h < p.H; h++) wkv7_forward_block<N>(blk, p, bb, h, step);
 }
 
 template <int N>
 void backward_all(const Wkv7BackwardArgs<float>& p) {
+    Wkv7HostBlock<N> blk;
+    Wkv7BackwardStep<N> step;
     for (int bb = 0; bb < p.B; bb++)
-        for (int h = 0; h < p.H; h++) backward_head<N>(p, bb, h);
+        for (int h = 0; h < p.H; h++) wkv7_backward_block<N>(blk, p, bb, h, step);
 }
 
 }  // namespace
@@ -51,10 +27,12 @@ void backward_all(const Wkv7BackwardArgs<float>& p) {
 extern "C" {
 
 // Returns 0 on success, -1 for a head size that is not compiled (1, 2, 4, ..., 128 are).
+// resets, reset_state, snap and sa may be null (no resets; zero reset state; a forward no backward follows).
 int rwkvslice_wkv7_host_forward(int B, int T, int H, int N, const float* r, const float* w, const float* k,
-                                const float* v, const float* a, const float* b, const float* s0, float* y,
-                                float* sT, float* snap, float* sa) {
-    const Wkv7ForwardArgs<float> p{B, T, H, r, w, k, v, a, b, s0, y, sT, snap, sa};
+                                const float* v, const float* a, const float* b, const float* s0,
+                                const bool* resets, const float* reset_state, float* y, float* sT, float* snap,
+                                float* sa) {
+    const Wkv7ForwardArgs<float> p{B, T, H, r, w, k, v, a, b, s0, resets, reset_state, y, sT, snap, sa};
     switch (N) {
         case 1: forward_all<1>(p); return 0;
         case 2: forward_all<2>(p); return 0;
@@ -68,11 +46,14 @@ int rwkvslice_wkv7_host_forward(int B, int T, int H, int N, const float* r, cons
     }
 }
 
+// dreset_state is written (the gradient of reset_state) when resets is not null.
 int rwkvslice_wkv7_host_backward(int B, int T, int H, int N, const float* r, const float* w, const float* k,
                                  const float* v, const float* a, const float* b, const float* dy,
-                                 const float* dsT, const float* snap, const float* sa, float* dr, float* dw,
-                                 float* dk, float* dv, float* da, float* db, float* ds0) {
-    const Wkv7BackwardArgs<float> p{B, T, H, r, w, k, v, a, b, dy, dsT, snap, sa, dr, dw, dk, dv, da, db, ds0};
+                                 const float* dsT, const float* snap, const float* sa, const float* s0,
+                                 const bool* resets, const float* reset_state, float* dr, float* dw, float* dk,
+                                 float* dv, float* da, float* db, float* ds0, float* dreset_state) {
+    const Wkv7BackwardArgs<float> p{B, T, H, r, w, k, v, a, b, dy, dsT, snap, sa, s0, resets, reset_state,
+                                    dr, dw, dk, dv, da, db, ds0, dreset_state};
     switch (N) {
         case 1: backward_all<1>(p); return 0;
         case 2: backward_all<2>(p); return 0;
