@@ -180,12 +180,21 @@ def _sanitizer() -> str:
 _SANITIZED_RUN = """
 import torch
 from rwkvslice.ops import wkv7
+from rwkvslice.ops.wkv7_cuda import wkv7_cuda
 torch.manual_seed(0)
 for dtype, N, T, with_state in ((torch.bfloat16, 64, 37, True), (torch.float32, 16, 16, False)):
     xs = [torch.randn(2, T, 2, N, device="cuda").to(dtype).requires_grad_() for _ in range(6)]
     state = torch.randn(2, 2, N, N, device="cuda", requires_grad=True) if with_state else None
     y, s = wkv7(*xs, state, backend="cuda")
     (y.float().square().sum() + s.square().sum()).backward()
+# resets inside and at the edges of snapshot chunks: the backward's replay path
+xs = [torch.randn(2, 40, 2, 16, device="cuda").requires_grad_() for _ in range(6)]
+resets = torch.zeros(2, 40, dtype=torch.bool, device="cuda")
+resets[0, [0, 5, 16, 39]] = True
+resets[1, [15, 17, 20]] = True
+reset_state = torch.randn(2, 2, 16, 16, device="cuda", requires_grad=True)
+y, s = wkv7_cuda(*xs, None, resets=resets, reset_state=reset_state)
+(y.square().sum() + s.square().sum()).backward()
 torch.cuda.synchronize()
 print("ran")
 """
@@ -246,6 +255,72 @@ def test_bf16_model_training_step_matches_fp32_cpu():
         err_torch = rms_rel(grads_torch[name], g_ref)
         assert err_cuda < 5e-2, (name, err_cuda)
         assert err_cuda <= 2 * err_torch + 1e-3, (name, err_cuda, err_torch)
+
+
+def reference_with_resets_fp64(inputs, resets, reset_state, upstream):
+    """fp64 loop from the definition (where resets[b, t], the state before step t is reset_state[b]): y, final
+    state and the gradients of r, w, k, v, a, b, the carried state and reset_state."""
+    xd = [x.detach().cpu().double().requires_grad_(True) for x in (*inputs, reset_state)]
+    r, w, k, v, a, b, S, rs = xd
+    resets = resets.cpu()
+    decay = torch.exp(-torch.exp(w))
+    ys = []
+    for t in range(r.shape[1]):
+        S = torch.where(resets[:, t, None, None, None], rs, S)
+        sa = S @ a[:, t, :, :, None]
+        S = S * decay[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))
+    y = torch.stack(ys, dim=1)
+    gy, gs = (u.cpu().double() for u in upstream)
+    grads = torch.autograd.grad((y * gy).sum() + (S * gs).sum(), xd)
+    return [y.detach(), S.detach(), *grads]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 16, 17, 100])
+def test_kernel_with_resets_matches_fp64_reference(T, dtype):
+    """Resets at the first step, at chunk edges (15, 16, 17), mid-chunk twice and at the last step: y, final
+    state and all 8 gradients (reset_state's included) against the fp64 loop; same tolerances as without."""
+    B, H, N = 3, 2, 64
+    inputs, upstream = make_inputs(B, T, H, N, dtype, "cuda", seed=T + 3)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    for row, steps in enumerate(((0, 15, 16), (5, 9, 17), (31, 47, T - 1))):
+        resets[row, [t for t in steps if t < T]] = True
+    resets = resets.cuda()
+    reset_state = torch.randn(B, H, N, N, device="cuda")
+    xs = [x.clone().requires_grad_(True) for x in (*inputs, reset_state)]
+    poison_cuda_cache()
+    y, s = wkv7_cuda_module.wkv7_cuda(*xs[:7], resets=resets, reset_state=xs[7])
+    gy, gs = upstream
+    got = [y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)]
+    want = reference_with_resets_fp64(inputs, resets, reset_state, upstream)
+    errors = {}
+    for name, g, w in zip((*NAMES, "dreset_state"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        errors[name] = rms_rel(g.cpu(), w) if w.any() else g.abs().max().item()
+    bad = {k: f"{e:.2e}" for k, e in errors.items() if not e < RMS_REL[dtype]}
+    assert not bad, f"errors above {RMS_REL[dtype]}: {bad}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_no_grad_forward_allocates_no_snapshots_on_the_gpu():
+    """Under no_grad the forward's peak allocation is y + the final state (+ the casts), not the backward's
+    snapshots and sa (at N = 64 those would be ~5x y in fp32 for bf16 inputs)."""
+    B, T, H, N = 4, 2048, 4, 64
+    inputs, _ = make_inputs(B, T, H, N, torch.bfloat16, "cuda")
+    xs = [x.requires_grad_(True) for x in inputs[:6]]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        y, s = wkv7(*xs, inputs[6], backend="cuda")
+    peak = torch.cuda.max_memory_allocated() - before
+    y_bytes = y.numel() * y.element_size()
+    snapshot_bytes = B * H * wkv7_cuda_module.num_chunks(T) * N * N * 4 + B * T * H * N * 4
+    assert peak < y_bytes + 2 * s.numel() * 4 + snapshot_bytes // 4, (peak, y_bytes, snapshot_bytes)
 
 
 # ---- CPU layer: no CUDA device ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from rwkvslice.cuda import build
 from rwkvslice.errors import ConfigError, RWKVSliceError
 from rwkvslice.ops import wkv7
+from rwkvslice.ops import wkv7_cuda as wkv7_cuda_module
 from rwkvslice.ops.wkv7_cuda import CHUNK_LEN, wkv7_host
 from rwkvslice.ops.wkv7_reference import wkv7_reference
 
@@ -347,6 +349,64 @@ def test_bad_resets_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as e:
         wkv7_host(*inputs, **kwargs)
     assert "\n" not in str(e.value) and str(e.value).startswith("wkv7 backend='host': ")
+
+
+# ---- the drivers' phase order is what the CPU tests run ---------------------------------------------------
+
+# Two adjacent phases in a driver of wkv7_core.cuh: deleting this text merges them into one phase, which on the
+# GPU deletes the __syncthreads() between them.
+PHASE_BOUNDARY = re.compile(r"\}\);\n\s*blk\.phase\(\[&\]\(int i\) \{")
+
+
+def _build_variant(tmp_path, name, core_text):
+    """The host library built from `core_text` as wkv7_core.cuh (and the real wkv7_host.cpp), -O0 for speed."""
+    src = tmp_path / name
+    src.mkdir()
+    (src / "wkv7_core.cuh").write_text(core_text)
+    (src / "wkv7_host.cpp").write_text((build.SOURCE_DIR / "wkv7_host.cpp").read_text())
+    real = build.load_host_library()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "SOURCE_DIR", src)
+        mp.setenv("RWKVSLICE_BUILD_DIR", str(tmp_path / "cache"))
+        lib = ctypes.CDLL(str(build._host_library("wkv7_host", build.HOST_SOURCES, name, ("-O0",))))
+    for fn in ("rwkvslice_wkv7_host_forward", "rwkvslice_wkv7_host_backward", "rwkvslice_wkv7_chunk_len"):
+        getattr(lib, fn).argtypes = getattr(real, fn).argtypes
+        getattr(lib, fn).restype = getattr(real, fn).restype
+    return lib
+
+
+@pytest.mark.slow  # five host builds: ~40 s on 2 busy cores
+def test_every_barrier_of_the_drivers_is_needed_by_the_cpu_tests(tmp_path, monkeypatch):
+    """Merge each pair of adjacent phases of the shared drivers (on the GPU: delete the __syncthreads() between
+    them), build the host library from that variant, and run the resets check: every variant must fail it,
+    while the unmodified source built the same way passes. So a missing barrier in the kernel's phase order
+    cannot pass the CPU tests."""
+    core = (build.SOURCE_DIR / "wkv7_core.cuh").read_text()
+    drivers = core.index("WKV7_HD void wkv7_forward_block")
+    boundaries = list(PHASE_BOUNDARY.finditer(core, drivers))
+    # forward: load|step; backward: load|phase1, phase1|phase2, and the replay's load|replay
+    assert len(boundaries) == 4, [core[m.start() - 60 : m.end() + 60] for m in boundaries]
+    variants = {"unmodified": core}
+    for m in boundaries:
+        line = core.count("\n", 0, m.start()) + 1
+        variants[f"merged_at_line_{line}"] = core[: m.start()] + core[m.end() :]
+    with ThreadPoolExecutor(2) as pool:
+        libs = dict(zip(variants, pool.map(lambda kv: _build_variant(tmp_path, *kv), variants.items())))
+
+    B, T = 3, 40
+    inputs, upstream = make_inputs(B, T, 1, 8, seed=12)
+    resets = make_resets(B, T, seed=3, forced=((5, 20), (16, 33), ()))
+    reset_state = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    caught = {}
+    for name, lib in libs.items():
+        monkeypatch.setattr(wkv7_cuda_module, "load_host_library", lambda lib=lib: lib)
+        got, want = run_with_resets(inputs, upstream, resets, reset_state)
+        try:
+            assert_reset_run_close(got, want, FP32_REL)
+            caught[name] = False
+        except AssertionError:
+            caught[name] = True
+    assert caught == {name: name != "unmodified" for name in variants}
 
 
 # ---- the build cache ------------------------------------------------------------------------------------
