@@ -186,6 +186,18 @@ def test_forward_without_grad_skips_the_backward_buffers(monkeypatch):
         assert not y2.requires_grad, name
 
 
+def test_empty_sequence_with_resets():
+    """T = 0: nothing is reset, the state passes through, and reset_state's gradient is zero (written, not
+    left uninitialised: the kernel zeroes it even when no step runs)."""
+    inputs, _ = make_inputs(2, 0, 2, 16)
+    xs = [x.clone().requires_grad_(True) for x in (*inputs, torch.randn(2, 2, 16, 16))]
+    for _ in range(3):  # reuse freed memory, so an unwritten gradient would likely not be all zeros
+        y, s = wkv7_host(*xs[:7], resets=torch.zeros(2, 0, dtype=torch.bool), reset_state=xs[7])
+        gs = torch.randn_like(s)
+        g_state, g_reset = torch.autograd.grad((s * gs).sum(), xs[6:])
+        assert torch.equal(g_state, gs) and torch.equal(g_reset, torch.zeros_like(g_reset))
+
+
 def test_unsupported_head_size_is_a_one_line_error():
     inputs, _ = make_inputs(1, 3, 1, 24)
     with pytest.raises(ConfigError, match="head size 24") as e:

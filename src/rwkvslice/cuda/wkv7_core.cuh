@@ -130,7 +130,7 @@ struct Wkv7BackwardArgs {
     const float* reset_state;
     Tin *dr, *dw, *dk, *dv, *da, *db;
     float* ds0;           // gradient of the initial state (B, H, N, N)
-    float* dreset_state;  // gradient of reset_state (B, H, N, N), written when resets is not nullptr
+    float* dreset_state;  // gradient of reset_state (B, H, N, N), or nullptr; not nullptr whenever resets is not
 };
 
 // The vectors of one time step, shared by the threads of a block (__shared__ on the GPU).
@@ -238,7 +238,7 @@ WKV7_HD void wkv7_backward_begin(const Wkv7BackwardArgs<Tin>& p, int bb, int h, 
         g.dstate[j] = p.dsT ? p.dsT[base + (wkv7_index)i * N + j] : 0.0f;
         g.dstateT[j] = p.dsT ? p.dsT[base + (wkv7_index)j * N + i] : 0.0f;
     }
-    if (p.resets) {
+    if (p.dreset_state) {  // given with resets (even for T = 0, where no step runs)
         for (int j = 0; j < N; j++) p.dreset_state[base + (wkv7_index)i * N + j] = 0.0f;
     }
 }
