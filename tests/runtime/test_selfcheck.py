@@ -282,3 +282,36 @@ def test_the_fp32_path_never_runs_the_check(monkeypatch):
     x, weight, target = loss_problem()
     linear_cross_entropy(x.requires_grad_(), weight.requires_grad_(), target, impl="chunked").backward()
     assert chunked_module.last_grad_w_path() == "fp32"
+
+
+# ---- GPU layer: the self-checks for real ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_the_real_paths_pass_their_self_checks_on_this_gpu():
+    """The CUDA kernel (bf16 and fp32, every compiled head size) agrees with the torch backend, and the
+    chunked loss's bf16 gradient GEMMs with its fp32 path; so "auto" trusts them here."""
+    from rwkvslice.ops.wkv7_cuda import CUDA_HEAD_SIZES
+
+    problems = {
+        (str(dtype), N): wkv7_selfcheck.check_wkv7(wkv7_cuda_module.wkv7_cuda, wkv7_torch, dtype, N, "cuda")
+        for dtype in (torch.bfloat16, torch.float32)
+        for N in CUDA_HEAD_SIZES
+    }
+    problems["chunked bf16"] = loss_selfcheck.check_low_precision_grad_gemm("cuda", torch.bfloat16)
+    assert {k: v for k, v in problems.items() if v is not None} == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_the_chunked_loss_takes_the_fast_grad_w_path_on_cuda():
+    """torch >= 2.8 has addmm(out_dtype=float32) for bf16 CUDA inputs (aten::addmm.dtype_out): grad_W
+    accumulates straight into the fp32 buffer. Older torch upcasts (one n x V fp32 copy per chunk)."""
+    x = torch.randn(64, 128, device="cuda", requires_grad=True)
+    w = torch.randn(1000, 128, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        linear_cross_entropy(x, w, t, impl="chunked", chunk_size=16).backward()
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    assert chunked_module.last_grad_w_path() == ("addmm_fp32_out" if version >= (2, 8) else "upcast_fp32")

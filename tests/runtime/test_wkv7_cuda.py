@@ -184,7 +184,7 @@ torch.manual_seed(0)
 for dtype, N, T, with_state in ((torch.bfloat16, 64, 37, True), (torch.float32, 16, 16, False)):
     xs = [torch.randn(2, T, 2, N, device="cuda").to(dtype).requires_grad_() for _ in range(6)]
     state = torch.randn(2, 2, N, N, device="cuda", requires_grad=True) if with_state else None
-    y, s = wkv7(*xs, state, backend="cuda")
+    y, s = wkv7(*xs, state, backend="cuda", check_w=False)  # memory/race checks need no accurate w range
     (y.float().square().sum() + s.square().sum()).backward()
 torch.cuda.synchronize()
 print("ran")
@@ -424,3 +424,17 @@ def test_the_kernel_backward_is_inaccurate_above_the_range():
         dw = torch.autograd.grad((y * upstream[0]).sum() + (s * upstream[1]).sum(), xs[1])[0]
         errors[w_max] = rms_rel(dw, reference_fp64(inputs, upstream)[3])
     assert errors[-0.5] < 1e-3 and errors[0.0] > 1e-2, errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("N", [8, 128])
+def test_auto_runs_head_sizes_the_kernel_lacks_on_the_torch_backend(N):
+    """On CUDA, a head size outside CUDA_HEAD_SIZES trains through "auto" (the torch backend on the GPU)
+    instead of failing: y and gradients match the fp64 reference (fp32, 1e-4 RMS-relative)."""
+    inputs, upstream = make_inputs(2, 33, 2, N, torch.float32, "cuda", seed=N)
+    xs = [x.clone().requires_grad_(True) for x in inputs]
+    y, s = wkv7(*xs[:6], xs[6])
+    gy, gs = upstream
+    got = [y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)]
+    assert_matches(got, reference_fp64(inputs, upstream), RMS_REL[torch.float32])
