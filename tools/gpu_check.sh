@@ -146,11 +146,11 @@ official_dir() {
 
 export -f env_report sanitizer sanitize
 export PY SANLOG
-step env 30 env_report
+step env 60 env_report
 step build 180 "$PY" tools/gpu_kernel_run.py build
 step pytest 200 env RWKVSLICE_TEST_DEVICE=cuda RWKVSLICE_TEST_DTYPE=bfloat16 RWKVSLICE_REQUIRE_CUDA=1 \
   "$PY" -m pytest tests/runtime -m "gpu or not slow" -k "not compute_sanitizer" -q -p no:cacheprovider \
-  -n 8 --junitxml="$RESULTS/pytest.xml"
+  -n 8 --timeout 120 --junitxml="$RESULTS/pytest.xml"
 step memcheck 60 sanitize memcheck
 step racecheck 60 sanitize racecheck
 OFFICIAL="$(official_dir)"

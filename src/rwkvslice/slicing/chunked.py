@@ -22,7 +22,8 @@ GEMM dtypes:
   overload, CUDA only, since torch 2.8 (2.5-2.7 have no out_dtype and raise TypeError; CPU raises
   NotImplementedError on 2.13). Elsewhere the chunk's dlogits and x are upcast to fp32 for grad_W (one
   extra n x V fp32 copy per chunk). A probe on the first use decides (an overload that does not
-  accumulate into `out` is refused too), and last_grad_w_path() says which path the last call took.
+  accumulate into `out` is refused too: pytorch/pytorch#154086 reports early builds of the overload
+  mishandling out=), and last_grad_w_path() says which path the last call took.
   That path is used only after it agreed with the fp32 path on a small problem (slicing/selfcheck.py).
 - Elsewhere (CPU) they run in fp32 from the fp32 gradient buffer: measured here (avx512_bf16 Xeon,
   torch 2.13) the fp32 GEMMs of these shapes were ~1.7x faster than bf16 ones, CPU has no
