@@ -57,6 +57,20 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+# One torch import for both: the versions line and whether torch sees a CUDA device.
+PROBE="$("$PY" -c '
+import sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+print("ok" if torch.cuda.is_available() else f"no CUDA device (torch {torch.__version__}, CUDA build "
+      f"{torch.version.cuda}, torch.cuda.is_available() is False)")' 2>&1)"
+if [ "$(printf '%s\n' "$PROBE" | wc -l)" -eq 2 ]; then
+  TORCH_LINE="$(printf '%s\n' "$PROBE" | head -1)"
+  CUDA_STATUS="$(printf '%s\n' "$PROBE" | tail -1)"
+else
+  TORCH_LINE="torch failed to import"
+  CUDA_STATUS="$(printf '%s\n' "$PROBE" | tail -1)"
+fi
+
 {
   echo "# GPU check"
   echo
@@ -64,7 +78,7 @@ fi
   echo "- Command: \`tools/gpu_check.sh\` (budget ${BUDGET_S} s)"
   echo "- Machine: $(uname -m), $(nproc) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'none (nvidia-smi failed or absent)')"
-  echo "- Versions: $("$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")' 2>&1 | tail -1)," \
+  echo "- Versions: ${TORCH_LINE}," \
     "nvcc $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' || true)," \
     "ninja $(ninja --version 2>/dev/null || echo absent)"
   echo
@@ -72,9 +86,8 @@ fi
   echo "|---|---|---|"
 } >"$SUMMARY"
 
-CUDA_STATUS="$("$PY" -c 'import torch; print("ok" if torch.cuda.is_available() else f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}, torch.cuda.is_available() is False)")' 2>&1 | tail -1)"
 if [ "$CUDA_STATUS" != "ok" ]; then
-  case "$CUDA_STATUS" in no\ CUDA*) ;; *) CUDA_STATUS="no CUDA device (torch failed to import: $CUDA_STATUS)" ;; esac
+  case "$CUDA_STATUS" in no\ CUDA*) ;; *) CUDA_STATUS="no CUDA device checked: $PY could not import torch (${CUDA_STATUS:-no output})" ;; esac
   echo "| all | not run: $CUDA_STATUS | 0 |" >>"$SUMMARY"
   echo "gpu_check: $CUDA_STATUS; nothing was checked. Results: $SUMMARY" | tee -a "$LOG"
   exit 3

@@ -106,9 +106,23 @@ def test_a_live_build_is_waited_for_not_broken(tmp_path):
 
     threading.Thread(target=finish).start()
     with pytest.warns(UserWarning, match="waiting for another process building the CUDA WKV-7 kernel") as record:
-        with build.build_guard(tmp_path, timeout_s=10, poll_s=0.02):
+        with build.build_guard(tmp_path, timeout_s=10, poll_s=0.02, warn_after_s=0.1):
             assert not (tmp_path / "lock").exists()
     assert len(record) == 1  # the wait, and no "removed a stale lock"
+
+
+def test_a_short_wait_is_silent(tmp_path):
+    """DDP ranks loading a cached build wait on each other for a moment: no warning before warn_after_s."""
+    import fcntl
+
+    holder = os.open(tmp_path / "rwkvslice-build.flock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(0.2, os.close, (holder,)).start()
+    t0 = time.monotonic()
+    with _no_warnings():
+        with build.build_guard(tmp_path, timeout_s=10, poll_s=0.02, warn_after_s=5):
+            pass
+    assert time.monotonic() - t0 >= 0.15  # it did wait for the holder
 
 
 def test_a_build_that_never_finishes_times_out_in_one_line(tmp_path):
@@ -118,7 +132,7 @@ def test_a_build_that_never_finishes_times_out_in_one_line(tmp_path):
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         with pytest.warns(UserWarning, match="waiting"), pytest.raises(build.KernelBuildError) as e:
-            with build.build_guard(tmp_path, timeout_s=0.2, poll_s=0.02):
+            with build.build_guard(tmp_path, timeout_s=0.2, poll_s=0.02, warn_after_s=0):
                 pass
     finally:
         os.close(holder)

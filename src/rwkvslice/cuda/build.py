@@ -203,11 +203,12 @@ STALE_LOCK_AGE_S = 1800.0
 
 
 @contextlib.contextmanager
-def build_guard(directory: Path, timeout_s: float = 3600.0, poll_s: float = 0.5):
+def build_guard(directory: Path, timeout_s: float = 3600.0, poll_s: float = 0.5, warn_after_s: float = 10.0):
     """Serialise our builds of one extension under an OS file lock (flock), which the OS releases when its
     owner dies. Holding it, a cpp_extension `lock` file in `directory` belongs to no living build of ours,
-    so it is removed with a one-line warning. While another process builds, wait (one warning) for at most
-    timeout_s, then raise KernelBuildError. Without flock support, the lock file's age decides."""
+    so it is removed with a one-line warning. While another process builds, wait for at most timeout_s
+    (one warning once warn_after_s passed: DDP ranks loading a cached build wait a second, silently), then
+    raise KernelBuildError. Without flock support, the lock file's age decides."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -236,7 +237,7 @@ def build_guard(directory: Path, timeout_s: float = 3600.0, poll_s: float = 0.5)
                         f"another process has been building the CUDA WKV-7 kernel in {directory} for over "
                         f"{timeout_s:.0f} s (it holds {guard}); stop it or remove that directory"
                     )
-                if not warned:
+                if not warned and waited >= warn_after_s:
                     warnings.warn(
                         f"rwkvslice: waiting for another process building the CUDA WKV-7 kernel in {directory}",
                         stacklevel=3,
