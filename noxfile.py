@@ -278,7 +278,8 @@ def e2e_gpu(session: nox.Session) -> None:
     session.log(f"CUDA device: {why}")
     # A CUDA build of torch: "===" (PEP 440 arbitrary equality) matches the version string exactly, so the
     # local "2.13.0+cpu" wheel that "==2.13.0" would also accept is left out of the resolve.
-    session.install(f"torch==={TORCH_GPU}", "-e", f".[{EXTRAS}]", *TEST_DEPS)
+    # the cuda extra brings ninja, which the JIT build of the CUDA kernel runs on every first load
+    session.install(f"torch==={TORCH_GPU}", "-e", f".[{EXTRAS},cuda]", *TEST_DEPS)
     probe = "import torch; print(torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
     seen = str(session.run("python", "-c", probe, silent=True) or "").strip()
     if not seen.endswith("True"):  # a GPU the driver lists but this torch build cannot use

@@ -213,6 +213,29 @@ def rms_rel(got, want) -> float:
     return ((got.double() - want).square().mean().sqrt() / want.square().mean().sqrt()).item()
 
 
+def gpu_facts() -> list[str]:
+    """What this GPU and torch decided for rwkvslice's GPU-only paths: the kernel's first-use self-check
+    (bf16, N=64, against the torch backend) and the chunked loss's grad_W path (issue 17)."""
+    from rwkvslice.ops import selfcheck
+    from rwkvslice.ops.wkv7_cuda import wkv7_cuda
+    from rwkvslice.ops.wkv7_torch import wkv7_torch
+    from rwkvslice.slicing import chunked
+
+    try:
+        problem = selfcheck.check_wkv7(wkv7_cuda, wkv7_torch, torch.bfloat16, HEAD_SIZE, "cuda")
+    except Exception as e:  # report it; the timings above stand
+        problem = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    fast = chunked._has_fp32_out_addmm(torch.device("cuda"), torch.bfloat16)
+    path, verdict = ("addmm_fp32_out", "accepted") if fast else ("upcast_fp32", "refused")
+    return [
+        f"- Kernel self-check on this GPU (bf16, N={HEAD_SIZE}, forward + backward against the torch backend): "
+        f"{problem or 'agrees'}.",
+        f"- Chunked loss grad_W path here: {path} (addmm(out_dtype=float32) with bf16 inputs {verdict} by "
+        f"torch {torch.__version__}).",
+        "",
+    ]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -299,7 +322,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
             "",
         ]
-    lines += [PUBLISHED, ""]
+    lines += gpu_facts() + [PUBLISHED, ""]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

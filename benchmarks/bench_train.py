@@ -11,13 +11,20 @@ Targets are SFT-shaped: each row's last `kept` fraction carries loss, the prompt
 CPU: tokens/s (all B x T positions per second, median over rounds) and peak RSS growth over the
 process's state before the first step (ru_maxrss; includes AdamW state, identical in both paths).
 GPU (only when CUDA is available): a 0.1B-shaped model (12 layers, n_embd 768, vocab 65536) at
-ctx_len 512 in bf16 autocast; peak memory is torch.cuda.max_memory_allocated.
+ctx_len 512 in bf16 autocast; peak memory is torch.cuda.max_memory_allocated. The report records which
+weight-gradient GEMM path the chunked loss took (slicing.chunked.last_grad_w_path: "addmm_fp32_out" is the
+fast one). Then the loss alone at that shape (hidden states -> head + cross-entropy, forward + backward,
+bf16 autocast, fp32 master weight): ours (impl="chunked") against torch's F.linear_cross_entropy
+(impl="torch", where this torch has it) and plain full logits on the kept rows (impl="full"), at 100 % and
+25 % kept, so impl="auto" can be set from a measurement.
 Also: one end-to-end `rwkvslice train --demo` run (wall and CPU time, exact match).
 
 The machine may be shared: the report records the load average before and after. Ratios between
 paths from the same run are the point; absolute numbers move with the load.
 
-Usage: python benchmarks/bench_train.py [--rounds 5] [--threads N] [--skip-demo] [--out reports/bench-train.md]
+Usage: python benchmarks/bench_train.py [--rounds 5] [--threads N] [--skip-demo] [--gpu-only]
+       [--out reports/bench-train.md]
+(--gpu-only: the GPU sections alone, what tools/gpu_check.sh runs; no CUDA device -> a report saying so, exit 1)
 """
 
 from __future__ import annotations
@@ -37,10 +44,63 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def loss_worker(cfg: dict) -> dict:
+    """Head + loss alone, every impl in this one process (rounds interleaved): median ms of forward +
+    backward and the peak memory over what was allocated before (x, W and the targets). Meant for CUDA
+    (cfg["device"]; on CPU it runs too, for checking the script, with no memory figure)."""
+    import torch
+
+    from rwkvslice.slicing import chunked, linear_cross_entropy, torch_chunked_available
+
+    torch.manual_seed(0)
+    device = torch.device(cfg.get("device", "cuda"))
+    cuda = device.type == "cuda"
+    rows, C, V = cfg["rows"], cfg["n_embd"], cfg["vocab"]
+    x = torch.randn(rows, C, device=device, requires_grad=True)
+    weight = (0.02 * torch.randn(V, C, device=device)).requires_grad_()
+    target = torch.randint(0, V, (rows,), device=device)
+    impls = ["chunked", "full"] + (["torch"] if torch_chunked_available() else [])
+
+    def run(impl):
+        x.grad = weight.grad = None
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = linear_cross_entropy(x, weight, target, impl=impl) / rows
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    out: dict = {"impls": {}, "torch_impl": "available" if "torch" in impls else
+                 f"not in torch {torch.__version__} (F.linear_cross_entropy with LinearCrossEntropyOptions)"}
+    for impl in impls:  # warm-up, then the peak of one step
+        run(impl)
+        x.grad = weight.grad = None
+        peak_mb = 0.0
+        if cuda:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run(impl)
+            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["impls"][impl] = {"peak_mb": peak_mb, "ms": []}
+        if impl == "chunked":
+            out["grad_w_path"] = chunked.last_grad_w_path()
+    for _ in range(cfg["rounds"]):
+        for impl in impls:
+            t0 = time.perf_counter()
+            run(impl)  # synchronised: wall time of forward + backward
+            out["impls"][impl]["ms"].append(1e3 * (time.perf_counter() - t0))
+    for r in out["impls"].values():
+        r["median_ms"] = statistics.median(r.pop("ms"))
+    return out
+
+
 def worker(cfg: dict) -> dict:
     """Runs in its own process: build, warm up, time `rounds` steps, report."""
     import torch
     import torch.nn.functional as F
+
+    if cfg["mode"] == "loss":
+        return loss_worker(cfg)
 
     from rwkvslice import RWKV7, RWKV7Config
     from rwkvslice.train.distributed import DistEnv
@@ -100,6 +160,10 @@ def worker(cfg: dict) -> dict:
     if device.type == "cuda":
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
         out["cuda_peak_total_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if cfg["mode"] == "sliced":
+        from rwkvslice.slicing import chunked
+
+        out["grad_w_path"] = chunked.last_grad_w_path()
     return out
 
 
@@ -122,6 +186,80 @@ CPU_CASES = [
 ]
 GPU_CASE = ("0.1B shape (L12 D768), World vocab, bf16, 25% kept",
             dict(vocab=65536, n_embd=768, n_layer=12, head_size=64), dict(batch=8, ctx_len=512), 0.25)
+
+
+LOSS_KEPT = (1.0, 0.25)
+
+
+def run_gpu(rounds: int) -> dict:
+    name, shape, batch, kept = GPU_CASE
+    gpu = {mode: run_worker(dict(shape, **batch, kept=kept, mode=mode, device="cuda", precision="bf16",
+                                 rounds=rounds)) for mode in ("sliced", "unsliced")}
+    for frac in LOSS_KEPT:
+        rows = round(batch["batch"] * batch["ctx_len"] * frac)
+        gpu[f"loss {frac}"] = run_worker(dict(vocab=shape["vocab"], n_embd=shape["n_embd"], rows=rows,
+                                              mode="loss", rounds=max(rounds, 10)))
+    return gpu
+
+
+def gpu_section(gpu: dict | None, gpu_name: str) -> list[str]:
+    lines = ["## GPU (0.1B shape: 12 layers, n_embd 768, vocab 65536, ctx_len 512, bf16)", ""]
+    if gpu is None:
+        lines.append("Not run: no CUDA device on this machine (torch.cuda.is_available() is False). The script "
+                     "runs this section automatically on a machine with one.")
+        return lines
+    name, shape, batch, kept = GPU_CASE
+    lines += [f"Device: {gpu_name}. B x T = {batch['batch']} x {batch['ctx_len']}, {kept:.0%} kept.", "",
+              "| path | tokens/s | step (s) | peak CUDA memory over the model+AdamW state (MB) |",
+              "|---|---|---|---|"]
+    for mode in ("sliced", "unsliced"):
+        r = gpu[mode]
+        if "error" in r:
+            lines.append(f"| {mode} | error: {r['error']} | | |")
+        else:
+            lines.append(f"| {mode} | {r['tokens_per_s']:,.0f} | {r['median_s']:.3f} | {r['cuda_peak_mb']:.0f} |")
+    lines += ["", f"Chunked loss weight-gradient path in the sliced step: `{gpu['sliced'].get('grad_w_path')}` "
+              "(`addmm_fp32_out`: bf16 GEMM accumulating into the fp32 buffer; `upcast_fp32`: this torch lacks "
+              "that addmm overload, an extra n x V fp32 copy per chunk; `fp32`: the low-precision path failed "
+              "its self-check).", "",
+              "### Head + loss alone (forward + backward, bf16 autocast, fp32 master weight)", "",
+              "| kept rows | impl | median ms | peak memory over x, W (MB) | time / chunked | memory / chunked |",
+              "|---|---|---|---|---|---|"]
+    notes = set()
+    for frac in LOSS_KEPT:
+        res = gpu[f"loss {frac}"]
+        rows = round(batch["batch"] * batch["ctx_len"] * frac)
+        if "error" in res:
+            lines.append(f"| {rows} ({frac:.0%}) | all | error: {res['error']} | | | |")
+            continue
+        notes.add(f"impl='torch': {res['torch_impl']}; chunked grad_W path `{res.get('grad_w_path')}`")
+        ours = res["impls"]["chunked"]
+        for impl, r in res["impls"].items():
+            t_ratio, m_ratio = r["median_ms"] / ours["median_ms"], r["peak_mb"] / max(ours["peak_mb"], 1e-9)
+            lines.append(f"| {rows} ({frac:.0%}) | {impl} | {r['median_ms']:.2f} | {r['peak_mb']:.0f} | "
+                         f"{t_ratio:.2f} | {m_ratio:.2f} |")
+    lines += [""] + [f"- {n}" for n in sorted(notes)]
+    return lines
+
+
+def gpu_only(args) -> int:
+    import torch
+
+    cmd = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
+    lines = ["# Training benchmark (GPU sections): sliced vs unsliced loss in a full training step", "",
+             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
+             f"- Versions: {versions()} (CUDA {torch.version.cuda})", f"- Command: `{cmd.strip()}`",
+             f"- Step = `train_step` (forward + backward + grad clip + AdamW, one micro-batch) under bf16 autocast; "
+             f"median of {args.rounds} steps after one warm-up step, each configuration in a fresh process.", ""]
+    available = torch.cuda.is_available()
+    lines += gpu_section(run_gpu(args.rounds) if available else None,
+                         torch.cuda.get_device_name(0) if available else "")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if available else 1
 
 
 def demo_run() -> dict:
@@ -150,20 +288,23 @@ def versions() -> str:
     return f"python {platform.python_version()}, torch {torch.__version__}, rwkvslice (this checkout)"
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per CPU worker (default: torch's)")
+    ap.add_argument("--gpu-only", action="store_true", help="the GPU sections alone (no CPU cases, no demo)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench-train.md"))
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
-        return
+        return 0
 
     import torch
 
+    if args.gpu_only:
+        return gpu_only(args)
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
@@ -175,12 +316,8 @@ def main() -> None:
             res[mode] = run_worker(cfg)
             print(name, mode, res[mode], file=sys.stderr)
         rows.append((name, shape, batch, kept, res))
-    gpu = None
-    if torch.cuda.is_available():
-        name, shape, batch, kept = GPU_CASE
-        gpu = {mode: run_worker(dict(shape, **batch, kept=kept, mode=mode, device="cuda", precision="bf16",
-                                     rounds=args.rounds)) for mode in ("sliced", "unsliced")}
-        gpu_name = torch.cuda.get_device_name(0)
+    gpu = run_gpu(args.rounds) if torch.cuda.is_available() else None
+    gpu_name = torch.cuda.get_device_name(0) if gpu is not None else ""
     demo = None if args.skip_demo else demo_run()
     load_after = os.getloadavg()
 
@@ -226,21 +363,7 @@ def main() -> None:
               "saves time but little memory; with the 65536-token World vocab the unsliced path holds B x T x V "
               "fp32 logits plus their gradient, which dominates the step's memory, and its cost does not fall "
               "with the kept fraction while the sliced path's does.", ""]
-    lines += ["## GPU (0.1B shape: 12 layers, n_embd 768, vocab 65536, ctx_len 512, bf16)", ""]
-    if gpu is None:
-        lines.append("Not run: no CUDA device on this machine (torch.cuda.is_available() is False). The script "
-                     "runs this section automatically on a machine with one.")
-    else:
-        name, shape, batch, kept = GPU_CASE
-        lines += [f"Device: {gpu_name}. B x T = {batch['batch']} x {batch['ctx_len']}, {kept:.0%} kept.", "",
-                  "| path | tokens/s | step (s) | peak CUDA memory over the model+AdamW state (MB) |",
-                  "|---|---|---|---|"]
-        for mode in ("sliced", "unsliced"):
-            r = gpu[mode]
-            if "error" in r:
-                lines.append(f"| {mode} | error: {r['error']} | | |")
-            else:
-                lines.append(f"| {mode} | {r['tokens_per_s']:,.0f} | {r['median_s']:.3f} | {r['cuda_peak_mb']:.0f} |")
+    lines += gpu_section(gpu, gpu_name if gpu is not None else "")
     lines += ["", "## `rwkvslice train --demo` end to end", ""]
     if demo is None:
         lines.append("Skipped (--skip-demo).")
@@ -252,7 +375,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -71,7 +71,8 @@ COMPONENTS: dict[str, list[str]] = {
         "rwkvslice/slicing/loss.py:_autocast_dtype",
         "rwkvslice/ops/wkv7_torch.py:_compute_dtype",
     ],
-    "CUDA Kernels": ["rwkvslice/ops/wkv7_cuda.py", "rwkvslice/cuda/*"],
+    "CUDA Kernels": ["rwkvslice/ops/wkv7_cuda.py", "rwkvslice/ops/selfcheck.py", "rwkvslice/cuda/*",
+                     "rwkvslice/selfcheck.py", "rwkvslice/slicing/selfcheck.py"],
     "Checkpoints": [
         "rwkvslice/model/official.py",
         "rwkvslice/train/checkpoint.py",

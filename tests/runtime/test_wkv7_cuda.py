@@ -185,7 +185,7 @@ torch.manual_seed(0)
 for dtype, N, T, with_state in ((torch.bfloat16, 64, 37, True), (torch.float32, 16, 16, False)):
     xs = [torch.randn(2, T, 2, N, device="cuda").to(dtype).requires_grad_() for _ in range(6)]
     state = torch.randn(2, 2, N, N, device="cuda", requires_grad=True) if with_state else None
-    y, s = wkv7(*xs, state, backend="cuda")
+    y, s = wkv7(*xs, state, backend="cuda", check_w=False)  # memory/race checks need no accurate w range
     (y.float().square().sum() + s.square().sum()).backward()
 # resets inside and at the edges of snapshot chunks: the backward's replay path
 xs = [torch.randn(2, 40, 2, 16, device="cuda").requires_grad_() for _ in range(6)]
@@ -424,3 +424,92 @@ def test_a_host_library_with_another_chunk_length_is_refused(monkeypatch):
     with pytest.raises(build.KernelBuildError) as e:
         wkv7_cuda_module.HostOps._lib()
     assert str(e.value) == f"host kernel chunk length {2 * chunk} != CHUNK_LEN {chunk}"
+
+
+class LooksCuda(torch.Tensor):
+    """A CPU tensor that reports is_cuda, so dispatch takes its CUDA branch on a machine without a GPU."""
+
+    @property
+    def is_cuda(self):  # type: ignore[override]
+        return True
+
+
+@pytest.mark.parametrize("N, expected", [(64, "cuda"), (16, "cuda"), (128, "torch"), (8, "torch")])
+def test_auto_falls_back_to_torch_for_head_sizes_the_kernel_lacks(monkeypatch, N, expected):
+    """backend='auto' with CUDA tensors: the kernel's head sizes (CUDA_HEAD_SIZES) go to "cuda", others to
+    "torch" (wkv7_cuda would refuse them, so a model with head size 128 could not train on a GPU)."""
+    from rwkvslice.ops import selfcheck
+    from rwkvslice.ops.wkv7 import _resolve
+
+    monkeypatch.setattr(wkv7_cuda_module, "cuda_backend_available", lambda: True)
+    monkeypatch.setattr(selfcheck, "wkv7_kernel_trusted", lambda r: True)
+    inputs, _ = make_inputs(1, 3, 1, N, torch.float32, "cpu")
+    r, w = (x.as_subclass(LooksCuda) for x in inputs[:2])
+    assert r.is_cuda
+    assert _resolve("auto", r, w) == expected
+
+
+def _inputs_with_w(w_value, N=16):
+    inputs, _ = make_inputs(1, 20, 2, N, torch.float32, "cpu", seed=4)
+    inputs[1] = inputs[1].clone()
+    inputs[1][0, 7, 1, 3] = w_value  # one element outside (or at the edge of) the kernel's range
+    return inputs
+
+
+def test_explicit_kernel_backends_refuse_w_above_the_kernel_range():
+    """The backstepping backward divides by the decay: w > W_MAX_KERNEL is refused by "host" (and "cuda")
+    with one line; w = W_MAX_KERNEL itself is accepted."""
+    from rwkvslice.ops.wkv7 import W_MAX_KERNEL
+
+    assert W_MAX_KERNEL == -0.5
+    with pytest.raises(ConfigError) as e:
+        wkv7(*_inputs_with_w(0.25), backend="host")
+    assert str(e.value) == (
+        "wkv7 backend='host': w has values above -0.5 (max 0.25); the kernel's backward is accurate only "
+        "for w <= -0.5: use backend='torch'"
+    )
+    wkv7(*_inputs_with_w(-0.5), backend="host")  # the edge is in range
+    wkv7(*_inputs_with_w(0.25), backend="host", check_w=False)  # the caller vouches for w (model)
+
+
+def test_auto_reroutes_w_above_the_kernel_range_to_torch(monkeypatch):
+    """With CUDA tensors and a working kernel, w outside the range goes to "torch"; check_w=False (what the
+    model passes, since it clamps w) keeps it on the kernel."""
+    from rwkvslice.ops import selfcheck
+    from rwkvslice.ops.wkv7 import _resolve
+
+    monkeypatch.setattr(wkv7_cuda_module, "cuda_backend_available", lambda: True)
+    monkeypatch.setattr(selfcheck, "wkv7_kernel_trusted", lambda r: True)
+    r, w = (x.as_subclass(LooksCuda) for x in _inputs_with_w(0.25)[:2])
+    assert _resolve("auto", r, w) == "torch"
+    assert _resolve("auto", r, w, check_w=False) == "cuda"
+    r, w = (x.as_subclass(LooksCuda) for x in _inputs_with_w(-0.5)[:2])
+    assert _resolve("auto", r, w) == "cuda"
+
+
+def test_the_kernel_backward_is_inaccurate_above_the_range():
+    """Why the range exists (host build = the kernel's arithmetic, fp32, against the fp64 loop): dw error
+    under 1e-3 with w <= -0.5 and above 1e-2 once w reaches 0 (the division by the decay amplifies)."""
+    errors = {}
+    for w_max in (-0.5, 0.0):
+        inputs, upstream = make_inputs(2, 64, 2, 16, torch.float32, "cpu", seed=9)
+        inputs[1] = torch.full_like(inputs[1], w_max)
+        xs = [x.clone().requires_grad_(True) for x in inputs]
+        y, s = wkv7(*xs[:6], xs[6], backend="host", check_w=False)
+        dw = torch.autograd.grad((y * upstream[0]).sum() + (s * upstream[1]).sum(), xs[1])[0]
+        errors[w_max] = rms_rel(dw, reference_fp64(inputs, upstream)[3])
+    assert errors[-0.5] < 1e-3 and errors[0.0] > 1e-2, errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("N", [8, 128])
+def test_auto_runs_head_sizes_the_kernel_lacks_on_the_torch_backend(N):
+    """On CUDA, a head size outside CUDA_HEAD_SIZES trains through "auto" (the torch backend on the GPU)
+    instead of failing: y and gradients match the fp64 reference (fp32, 1e-4 RMS-relative)."""
+    inputs, upstream = make_inputs(2, 33, 2, N, torch.float32, "cuda", seed=N)
+    xs = [x.clone().requires_grad_(True) for x in inputs]
+    y, s = wkv7(*xs[:6], xs[6])
+    gy, gs = upstream
+    got = [y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), xs)]
+    assert_matches(got, reference_fp64(inputs, upstream), RMS_REL[torch.float32])

@@ -15,6 +15,7 @@ This module imports torch only inside `load_cuda_extension`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,6 +23,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 from rwkvslice.errors import RWKVSliceError
@@ -176,12 +179,95 @@ def load_cuda_extension() -> str:
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     ):
         raise KernelBuildError("the CUDA WKV-7 kernel needs nvcc: install the CUDA toolkit or set CUDA_HOME")
+    # cpp_extension runs ninja on every first load in a process, even when its cache is up to date.
+    if not cpp_extension.is_ninja_available():
+        raise KernelBuildError(
+            "the CUDA WKV-7 kernel needs ninja on PATH to build: pip install ninja (or rwkvslice[cuda])"
+        )
     name = cuda_extension_name()
     directory = build_root() / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KernelBuildError(f"cannot create the kernel build directory {directory}: {e}") from None
+    with build_guard(directory):
+        _load_cuda_extension(cpp_extension, name, directory)
+    return name
+
+
+# cpp_extension's own lock: a file it creates in the build directory and removes when its build ends. A
+# process killed mid-build leaves it behind, and every later load then waits on it forever, silently.
+CPP_EXTENSION_LOCK = "lock"
+# Where the OS cannot lock files (some network filesystems), a cpp_extension lock older than this is stale.
+STALE_LOCK_AGE_S = 1800.0
+
+
+@contextlib.contextmanager
+def build_guard(directory: Path, timeout_s: float = 3600.0, poll_s: float = 0.5, warn_after_s: float = 10.0):
+    """Serialise our builds of one extension under an OS file lock (flock), which the OS releases when its
+    owner dies. Holding it, a cpp_extension `lock` file in `directory` belongs to no living build of ours,
+    so it is removed with a one-line warning. While another process builds, wait for at most timeout_s
+    (one warning once warn_after_s passed: DDP ranks loading a cached build wait a second, silently), then
+    raise KernelBuildError. Without flock support, the lock file's age decides."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None  # type: ignore[assignment]
+    guard = directory / "rwkvslice-build.flock"
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise KernelBuildError(f"cannot open the kernel build lock {guard}: {e}") from None
+    try:
+        held = False
+        if fcntl is not None:
+            start, warned = time.monotonic(), False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                    break
+                except BlockingIOError:
+                    pass
+                except OSError:  # the filesystem cannot lock: fall back to the lock file's age
+                    break
+                waited = time.monotonic() - start
+                if waited > timeout_s:
+                    raise KernelBuildError(
+                        f"another process has been building the CUDA WKV-7 kernel in {directory} for over "
+                        f"{timeout_s:.0f} s (it holds {guard}); stop it or remove that directory"
+                    )
+                if not warned and waited >= warn_after_s:
+                    warnings.warn(
+                        f"rwkvslice: waiting for another process building the CUDA WKV-7 kernel in {directory}",
+                        stacklevel=3,
+                    )
+                    warned = True
+                time.sleep(poll_s)
+        _clear_stale_cpp_extension_lock(directory / CPP_EXTENSION_LOCK, owner_gone=held)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _clear_stale_cpp_extension_lock(lock: Path, owner_gone: bool) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if not owner_gone and age < STALE_LOCK_AGE_S:
+        return  # maybe a live build on a filesystem without flock: let cpp_extension wait for it
+    why = "no process holds the build" if owner_gone else f"{age:.0f} s old"
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return
+    warnings.warn(
+        f"rwkvslice: removed the stale build lock {lock} ({why}; left by a build that was killed)", stacklevel=4
+    )
+
+
+def _load_cuda_extension(cpp_extension, name: str, directory: Path) -> None:
     try:
         cpp_extension.load(
             name=name,
@@ -203,4 +289,3 @@ def load_cuda_extension() -> str:
         raise KernelBuildError(
             f"building the CUDA WKV-7 kernel failed ({type(e).__name__}); see {log}"
         ) from None
-    return name

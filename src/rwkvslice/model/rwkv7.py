@@ -141,7 +141,8 @@ class TimeMix(nn.Module):
             y, wkv_state = _wkv_single_step(*args, wkv_state)
             y = y.to(r.dtype)
         else:
-            y, wkv_state = wkv7(*args, state=wkv_state, backend=backend)
+            # w <= -0.5 by the clamp above, so wkv7 need not check it (a device sync per call)
+            y, wkv_state = wkv7(*args, state=wkv_state, backend=backend, check_w=False)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)

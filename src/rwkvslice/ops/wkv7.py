@@ -5,7 +5,14 @@ Backends:
 - "torch":     `wkv7_torch`, the fast differentiable CPU path (chunked, memory-lean backward).
 - "host":      the CUDA kernel's own per-head arithmetic compiled for the CPU (for tests on CPU CI).
 - "cuda":      the fused CUDA kernel (bf16 in, fp32 state), JIT-built on first use.
-- "auto":      "cuda" for CUDA tensors when the kernel can be built, otherwise "torch".
+- "auto":      "cuda" for CUDA tensors when the kernel can be built, was compiled for the head size, passed
+               its self-check (ops/selfcheck.py) and w is in the kernel's range (below); otherwise "torch".
+
+The kernels ("cuda", "host") rebuild earlier states in the backward by dividing by the decay, so their
+gradients are accurate only for w <= W_MAX_KERNEL = -0.5 (decay >= 0.545; measured with the host build
+against fp64: 1e-4 RMS-relative at w = -0.5, 7e-2 at 0, NaN by 2). The model's soft clamp keeps w below it.
+With check_w=True (the default) wkv7() checks that (one reduction and a device sync per call): "auto"
+then reroutes such inputs to "torch", an explicit "cuda"/"host" refuses them with a ConfigError.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import torch
 from rwkvslice.errors import ConfigError
 
 BACKENDS = ("auto", "reference", "torch", "host", "cuda")
+# The backstepping kernels' backward is accurate for w <= this (decay = exp(-exp(w)) >= 0.545).
+W_MAX_KERNEL = -0.5
+_KERNEL_BACKENDS = ("host", "cuda")
 
 
 def _check_inputs(r, w, k, v, a, b, state):
@@ -32,20 +42,38 @@ def _check_inputs(r, w, k, v, a, b, state):
             raise ConfigError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
 
 
-def _resolve(backend: str, r: torch.Tensor) -> str:
+def _w_in_kernel_range(w: torch.Tensor | None, check_w: bool) -> bool:
+    """False when checking and some w > W_MAX_KERNEL (one reduction and a device sync)."""
+    return w is None or not check_w or not bool((w > W_MAX_KERNEL).any())
+
+
+def _resolve(backend: str, r: torch.Tensor, w: torch.Tensor | None = None, *, check_w: bool = True) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"wkv7: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
+        if backend in _KERNEL_BACKENDS and not _w_in_kernel_range(w, check_w):
+            assert w is not None
+            raise ConfigError(
+                f"wkv7 backend={backend!r}: w has values above {W_MAX_KERNEL} (max {w.max().item():.3g}); "
+                f"the kernel's backward is accurate only for w <= {W_MAX_KERNEL}: use backend='torch'"
+            )
         return backend
     if r.is_cuda:
-        from rwkvslice.ops.wkv7_cuda import cuda_backend_available
+        from rwkvslice.ops import selfcheck
+        from rwkvslice.ops.wkv7_cuda import CUDA_HEAD_SIZES, cuda_backend_available
 
-        if cuda_backend_available():
+        # A head size the kernel was not compiled for runs on "torch" (wkv7_cuda would refuse it).
+        if (
+            r.shape[-1] in CUDA_HEAD_SIZES
+            and cuda_backend_available()
+            and _w_in_kernel_range(w, check_w)
+            and selfcheck.wkv7_kernel_trusted(r)
+        ):
             return "cuda"
     return "torch"
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto"):
+def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", check_w: bool = True):
     """WKV-7 over a sequence.
 
     Args:
@@ -53,12 +81,14 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto"):
             In the model a = -kk and b = kk * a (kk the L2-normalised key).
         state: optional initial state (B, H, N, N), fp32, official [value][key] layout.
         backend: one of BACKENDS.
+        check_w: check w <= W_MAX_KERNEL before a kernel backend runs ("auto" reroutes to "torch",
+            "cuda"/"host" raise ConfigError). Callers that bound w themselves (the model) pass False.
 
     Returns:
         y (B, T, H, N) in the input dtype, and the final state (B, H, N, N) in fp32.
     """
     _check_inputs(r, w, k, v, a, b, state)
-    name = _resolve(backend, r)
+    name = _resolve(backend, r, w, check_w=check_w)
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     if name == "reference":
         from rwkvslice.ops.wkv7_reference import wkv7_reference as fn

@@ -18,7 +18,13 @@ Numerics (see shared/research/loss_memory.md section 6.5):
 GEMM dtypes:
 - logits = x @ W^T runs in the compute dtype (the autocast dtype under autocast, as F.linear would).
 - On CUDA with bf16/fp16 the two gradient GEMMs run in that dtype (tensor cores), with grad_W
-  accumulated in fp32 by addmm(out_dtype=float32) where torch has it.
+  accumulated in fp32 by addmm(out_dtype=float32) where torch has it: the aten::addmm.dtype_out
+  overload, CUDA only, since torch 2.8 (2.5-2.7 have no out_dtype and raise TypeError; CPU raises
+  NotImplementedError on 2.13). Elsewhere the chunk's dlogits and x are upcast to fp32 for grad_W (one
+  extra n x V fp32 copy per chunk). A probe on the first use decides (an overload that does not
+  accumulate into `out` is refused too: pytorch/pytorch#154086 reports early builds of the overload
+  mishandling out=), and last_grad_w_path() says which path the last call took.
+  That path is used only after it agreed with the fp32 path on a small problem (slicing/selfcheck.py).
 - Elsewhere (CPU) they run in fp32 from the fp32 gradient buffer: measured here (avx512_bf16 Xeon,
   torch 2.13) the fp32 GEMMs of these shapes were ~1.7x faster than bf16 ones, CPU has no
   mixed-dtype addmm, and fp32 is the more accurate choice anyway.
@@ -78,6 +84,27 @@ def _has_fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_OUT_ADDMM[key]
 
 
+# How the last chunked forward that computed grad_W accumulated it (see last_grad_w_path).
+GRAD_W_PATHS = ("addmm_fp32_out", "upcast_fp32", "fp32")
+_last_grad_w_path: str | None = None
+
+
+def last_grad_w_path() -> str | None:
+    """The weight-gradient GEMM path of the most recent chunked forward that computed grad_W (None before):
+    "addmm_fp32_out" (low-precision GEMM accumulating into the fp32 buffer: the fast CUDA path),
+    "upcast_fp32" (low-precision dlogits and x upcast to fp32 first: torch without the overload), or
+    "fp32" (the fp32 path: CPU, fp32 compute, or a low-precision path that failed its self-check)."""
+    return _last_grad_w_path
+
+
+def _accumulate_grad_w_low(grad_w, u, xs, fp32_out_addmm: bool) -> None:
+    """grad_w (fp32) += u^T @ xs for low-precision u (dlogits) and xs."""
+    if fp32_out_addmm:
+        torch.addmm(grad_w, u.t(), xs, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(u.t().to(grad_w.dtype), xs.to(grad_w.dtype))
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(x @ W^T, target). All targets must be valid ids in [0, V) (the caller
     checks and drops -100 rows). Gradients are computed in forward for the inputs flagged in
@@ -112,14 +139,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None
 
 
-def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_grad_w):
+def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_grad_w, grad_gemm_low=None):
+    """grad_gemm_low: force the low-precision gradient GEMMs on (True) or off (False); None decides."""
+    global _last_grad_w_path
     num_rows = x.shape[0]
     device = x.device
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     low_precision = compute_dtype != acc_dtype
-    # CUDA: gradient GEMMs in the low-precision dtype (tensor cores). Otherwise fp32 GEMMs.
-    grad_gemm_low = low_precision and device.type in LOW_PRECISION_GRAD_GEMM_DEVICES
+    # CUDA: gradient GEMMs in the low-precision dtype (tensor cores), once they passed their self-check.
+    # Otherwise fp32 GEMMs.
+    if grad_gemm_low is None:
+        grad_gemm_low = low_precision and device.type in LOW_PRECISION_GRAD_GEMM_DEVICES
+        if grad_gemm_low and (need_grad_x or need_grad_w):
+            from rwkvslice.slicing import selfcheck
+
+            grad_gemm_low = selfcheck.low_precision_grad_gemm_trusted(device, compute_dtype)
+    grad_gemm_low = grad_gemm_low and low_precision
     fp32_out_addmm = grad_gemm_low and need_grad_w and _has_fp32_out_addmm(device, compute_dtype)
+    if need_grad_w:
+        _last_grad_w_path = "addmm_fp32_out" if fp32_out_addmm else "upcast_fp32" if grad_gemm_low else "fp32"
 
     x_c = x.to(compute_dtype)
     w_c = weight.to(compute_dtype)
@@ -157,10 +195,7 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
                 if need_grad_x:
                     grad_x[start:stop] = torch.mm(u, w_c)
                 if need_grad_w:
-                    if fp32_out_addmm:
-                        torch.addmm(grad_w, u.t(), xs, out_dtype=torch.float32, out=grad_w)
-                    else:
-                        grad_w.addmm_(u.t().to(acc_dtype), xs.to(acc_dtype))
+                    _accumulate_grad_w_low(grad_w, u, xs, fp32_out_addmm)
                 u = None
             else:
                 if need_grad_x:
