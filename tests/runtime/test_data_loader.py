@@ -208,3 +208,34 @@ def test_bad_setting_types_and_values_name_the_setting(kwargs, expected):
     with pytest.raises(ConfigError) as err:
         ResumableLoader(Numbered(50), **kwargs)
     assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_packed_data_batches_carry_their_resets(tmp_path, num_workers):
+    """Packed .jsonl windows come out as (idx, targets, resets), resets bool (B, T) equal to the dataset's
+    own per-window resets, in workers too, and resuming continues with the same triples."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "ab" * (i % 4 + 1)}) + "\n" for i in range(24)))
+    ds = build_dataset(path, "byte", 12, pack=True)
+    loader = ResumableLoader(ds, 2, seed=3, num_workers=num_workers)
+    it = iter(loader)
+    first = next(it)
+    assert len(first) == 3 and first[2].dtype == torch.bool and first[2].shape == first[0].shape
+    order = loader.epoch_steps(0)[0]
+    assert torch.equal(first[2], torch.stack([ds[i][2] for i in order]))
+    assert first[2][:, 0].all() and (first[2].sum(1) >= 2).any()  # every window starts a sample; some pack
+    state = loader.state_dict()
+    second = next(it)
+    del it
+    resumed = ResumableLoader(ds, 2, seed=3, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    again = next(iter(resumed))
+    assert all(torch.equal(x, y) for x, y in zip(second, again, strict=True))
+
+
+def test_collate_stacks_resets_as_bool():
+    items = [(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([True, False])),
+             (torch.tensor([5, 6]), torch.tensor([7, 8]), torch.tensor([True, True]))]
+    idx, targets, resets = collate(items)
+    assert resets.dtype == torch.bool and resets.tolist() == [[True, False], [True, True]]
+    assert idx.tolist() == [[1, 2], [5, 6]] and targets.tolist() == [[3, 4], [7, 8]]

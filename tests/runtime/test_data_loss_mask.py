@@ -63,7 +63,9 @@ def test_padding_and_prompts_never_reach_the_loss(tmp_path, model, pack):
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     tok = get_tokenizer("byte")
     ds = build_dataset(path, tok, 48, pack=pack)
-    idx, targets = collate([ds[i] for i in range(len(ds))])
+    idx, targets, *packed = collate([ds[i] for i in range(len(ds))])
+    assert len(packed) == (1 if pack else 0)  # packed windows carry their resets
+    resets = packed[0] if pack else None
     assert (idx == 0).any()  # there is padding to poison
 
     terms = [reference_terms(model, r, tok) for r in RECORDS]
@@ -76,10 +78,9 @@ def test_padding_and_prompts_never_reach_the_loss(tmp_path, model, pack):
         _, length = ds.bounds(b)
         garbage[b, length - 1 :] = torch.randint(1, 320, (48 - length + 1,))
     with torch.no_grad():
-        clean = float(model.loss(idx, targets))
-        poisoned = float(model.loss(garbage, targets))
-    if not pack:  # packed windows carry the previous sample's state, so only compare against unpacked
-        assert clean == pytest.approx(expected, rel=1e-5)
+        clean = float(model.loss(idx, targets, resets=resets))
+        poisoned = float(model.loss(garbage, targets, resets=resets))
+    assert clean == pytest.approx(expected, rel=1e-5)  # packed too: the resets make packing exact
     assert poisoned == pytest.approx(clean, rel=1e-6)
 
 

@@ -114,10 +114,27 @@ def test_packed_window_masks_document_boundaries(tmp_path):
     ]
     s = ds.stats
     assert (s["windows"], s["tokens"], s["kept_tokens"], s["padding"], s["pack"]) == (2, 7, 6, 5, True)
+    # resets: True where a sample starts in idx (a at 0, c at 3; e at 0), never in the padding
+    assert [ds[i][2].tolist() for i in range(len(ds))] == [
+        [True, False, False, True, False, False],
+        [True, False, False, False, False, False],
+    ]
+    assert all(ds[i][2].dtype == torch.bool for i in range(len(ds)))
+
+
+def test_resets_of_a_sample_whose_last_token_is_only_a_target(tmp_path):
+    """A window of ctx_len + 1 tokens: the last sample's last token is a target only; the next sample
+    starts the next window, so no reset is marked past idx."""
+    path = jsonl(tmp_path, {"text": "a"}, {"text": "bc"}, {"text": "d"})
+    ds = build_dataset(path, "byte", 4, pack=True)  # [a eod | b c eod] = 5 tokens = ctx_len + 1
+    assert windows(ds)[0] == ([A, EOD, B, C], [EOD, X, C, EOD])
+    assert ds[0][2].tolist() == [True, False, True, False]
+    assert ds[1][2].tolist() == [True, False, False, False]
 
 
 def test_pack_false_gives_one_sample_per_window(tmp_path):
     path = jsonl(tmp_path, {"prompt": "a", "response": "b"}, {"text": "cd"})
+    assert len(build_dataset(path, "byte", 6)[0]) == 2  # unpacked: (idx, targets), no resets
     assert windows(build_dataset(path, "byte", 6)) == [
         ([A, B, EOD, 0, 0, 0], [B, EOD, X, X, X, X]),
         ([C, D, EOD, 0, 0, 0], [D, EOD, X, X, X, X]),

@@ -1,4 +1,5 @@
-"""ResumableLoader: endless, deterministic, resumable, DDP-sharded batches of (idx, targets).
+"""ResumableLoader: endless, deterministic, resumable, DDP-sharded batches of (idx, targets), or
+(idx, targets, resets) for packed data (resets (B, T) bool: where a packed sample starts; windows.py).
 
 Order: epoch e visits the dataset in the permutation numpy.random.default_rng([seed, e]).permutation(N)
 (PCG64: the same on every platform and numpy version that keeps its stream stable). Each optimizer step
@@ -30,10 +31,13 @@ from rwkvslice.errors import ConfigError
 _CHECKED_KEYS = ("seed", "batch_size", "world_size", "num_windows", "drop_last")
 
 
-def collate(items) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.stack([i for i, _ in items]).to(torch.int64)
-    targets = torch.stack([t for _, t in items]).to(torch.int64)
-    return idx, targets
+def collate(items) -> tuple[torch.Tensor, ...]:
+    """Stack (idx, targets) items, or (idx, targets, resets) items of packed data, into one batch."""
+    idx = torch.stack([item[0] for item in items]).to(torch.int64)
+    targets = torch.stack([item[1] for item in items]).to(torch.int64)
+    if len(items[0]) == 2:
+        return idx, targets
+    return idx, targets, torch.stack([item[2] for item in items]).to(torch.bool)
 
 
 class _StepSampler(Sampler):
@@ -86,10 +90,10 @@ class ResumableLoader:
         lo = self.rank * self.batch_size
         return [order[s + lo : s + lo + self.batch_size].tolist() for s in range(0, len(order), step)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches from the current position on, forever. Use one iterator at a time."""
         sampler = _StepSampler(self, self.epoch, self.index)
-        batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+        batches: Iterator[tuple[torch.Tensor, ...]]
         if self.num_workers == 0:
             batches = (collate([self.dataset[i] for i in step]) for step in sampler)
         else:

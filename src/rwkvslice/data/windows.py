@@ -1,4 +1,5 @@
-"""Fixed-length training windows: (idx, targets), each (ctx_len,) int64, from .txt, .jsonl or binidx.
+"""Fixed-length training windows: (idx, targets), each (ctx_len,) int64, from .txt, .jsonl or binidx;
+packed .jsonl windows add resets, (ctx_len,) bool.
 
 A window is a run of at most ctx_len + 1 tokens w; idx = w[:-1] and targets = w[1:], so targets[t] is the
 token that follows idx[t] (the convention of `model.loss`). -100 marks a position without loss.
@@ -17,7 +18,11 @@ Samples (.jsonl): one sample per record, masked as records.py says.
   stats["skipped_no_loss"] and logged. Only when no sample is left is it an error.
 - pack=False: one sample per window. pack=True: consecutive samples share a window while they fit
   (next-fit, order kept); the target at each boundary is -100, so the last token of one sample never
-  learns to predict the first token of the next.
+  learns to predict the first token of the next. Packing is exact: each window also carries `resets`,
+  True at every idx position where a sample starts (position 0 included, padding never), and the model
+  resets its recurrent state there (both token shifts and the WKV state start afresh), so every packed
+  sample gets exactly the loss and gradient it would get alone in its own window: packing changes the
+  throughput, never the model. Unpacked windows have no resets and stay (idx, targets).
 
 Short windows are right-padded: idx with PAD_ID (0, the eod id) and targets with -100. RWKV is causal,
 so padding on the right cannot change any earlier position and its targets keep it out of the loss.
@@ -52,13 +57,16 @@ class WindowDataset(Dataset):
     min(ctx_len + 1, n - i * ctx_len)), computed so a huge corpus needs no per-window table.
     `loss` (bool per token, or None for "everywhere") says which tokens are trained targets."""
 
-    def __init__(self, tokens, loss, starts, lengths, ctx_len: int, stats: dict):
+    def __init__(self, tokens, loss, starts, lengths, ctx_len: int, stats: dict, sample_starts=None):
         self._tokens = tokens  # an ndarray, or a BinIdx (pickles by path for DataLoader workers)
         self.loss = loss
         self.starts = None if starts is None else np.asarray(starts, dtype=np.int64)
         self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.ctx_len = ctx_len
         self.stats = stats
+        # Token offsets where the samples start, sorted: given only for packed samples (then every item
+        # carries its resets).
+        self.sample_starts = None if sample_starts is None else np.asarray(sample_starts, dtype=np.int64)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -77,7 +85,7 @@ class WindowDataset(Dataset):
         start = i * self.ctx_len
         return start, min(self.ctx_len + 1, len(self.tokens) - start)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         start, length = self.bounds(i)
         window = np.asarray(self.tokens[start : start + length], dtype=np.int64)
         idx = np.full(self.ctx_len, PAD_ID, dtype=np.int64)
@@ -87,7 +95,17 @@ class WindowDataset(Dataset):
         if self.loss is not None:
             trained = self.loss[start + 1 : start + length]
             targets[: length - 1][~trained] = IGNORE_INDEX
-        return torch.from_numpy(idx), torch.from_numpy(targets)
+        if self.sample_starts is None:
+            return torch.from_numpy(idx), torch.from_numpy(targets)
+        return torch.from_numpy(idx), torch.from_numpy(targets), torch.from_numpy(self._resets(start, length))
+
+    def _resets(self, start: int, length: int) -> np.ndarray:
+        """True at the idx positions (0 .. length - 2) of window (start, length) where a sample starts."""
+        assert self.sample_starts is not None
+        lo, hi = np.searchsorted(self.sample_starts, [start, start + length - 1])
+        resets = np.zeros(self.ctx_len, dtype=bool)
+        resets[self.sample_starts[lo:hi] - start] = True
+        return resets
 
     def summary(self) -> str:
         s = self.stats
@@ -183,7 +201,8 @@ def _sample_dataset(path: Path, tokenizer, ctx_len: int, pack: bool) -> WindowDa
     kept = int((trained[starts + lengths] - trained[starts + 1]).sum())
     stats = _stats("jsonl", ctx_len, pack, n_samples, len(starts), int((lengths - 1).sum()), kept,
                    truncated=truncated, truncated_tokens=truncated_tokens, skipped_no_loss=skipped)
-    dataset = WindowDataset(tokens, trained_mask, starts, lengths, ctx_len, stats)
+    dataset = WindowDataset(tokens, trained_mask, starts, lengths, ctx_len, stats,
+                            sample_starts=offsets if pack else None)
     if truncated or skipped:
         log.warning("%s: %s", path, dataset.summary())
     return dataset

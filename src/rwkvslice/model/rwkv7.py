@@ -7,6 +7,12 @@ Two ways to run the same weights:
 - GPT mode, `model(idx)`: the whole sequence at once (training, prefill);
 - RNN mode, `model.step(tokens, state)`: one token at a time, O(1) per token (generation).
 Both carry an `RWKV7State` (token-shift vectors and the WKV state) and give the same logits.
+
+Packing: `resets` (B, T) bool marks where a new sample starts inside a row. There every recurrent
+quantity starts afresh, as at a sequence start: both token shifts read zeros and the WKV state is replaced
+by the reset state (zeros, or a tuned state through the `initial_wkv_state` hook). Everything else
+(v_first, the norms, the bonus) is per position, so a packed row computes exactly what its samples compute
+one at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rwkvslice.errors import ConfigError
 from rwkvslice.model.config import RWKV7Config
 from rwkvslice.ops import rnn_step_cpu, wkv7
 
@@ -55,12 +62,16 @@ class RWKV7State:
         return RWKV7State(self.att_shift[:, i], self.wkv[:, i], self.ffn_shift[:, i])
 
 
-def _token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """x_prev - x, where x_prev[t] = x[t-1] and x_prev[0] is the carried `last` (zeros at the start)."""
-    if x.shape[1] == 1 and last is not None:  # RNN step: no concatenation needed
+def _token_shift(x: torch.Tensor, last: torch.Tensor | None, resets: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev - x, where x_prev[t] = x[t-1] and x_prev[0] is the carried `last` (zeros at the start);
+    x_prev[t] is zero where resets[:, t] (a sample starts there)."""
+    if x.shape[1] == 1 and last is not None and resets is None:  # RNN step: no concatenation needed
         return last[:, None].to(x.dtype) - x
     first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1) - x
+    prev = torch.cat([first, x[:, :-1]], dim=1)
+    if resets is not None:
+        prev = prev.masked_fill(resets[..., None], 0.0)
+    return prev - x
 
 
 def _wkv_single_step(r, w, k, v, a, b, S):
@@ -73,6 +84,16 @@ def _wkv_single_step(r, w, k, v, a, b, S):
     decay = torch.exp(-torch.exp(w))
     S = S * row(decay) + (S @ col(a)) @ row(b) + col(v) @ row(k)
     return (S @ col(r)).permute(0, 3, 1, 2), S  # y: (B, H, N, 1) -> (B, 1, H, N)
+
+
+def _check_resets(resets, idx: torch.Tensor) -> None:
+    if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
+        what = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
+        raise ConfigError(f"resets must be a bool tensor (B, T) like idx, got {what}")
+    if resets.shape != idx.shape:
+        raise ConfigError(f"resets has shape {tuple(resets.shape)}, expected {tuple(idx.shape)} like idx")
+    if resets.device != idx.device:
+        raise ConfigError(f"resets is on {resets.device}, idx on {idx.device}")
 
 
 class TimeMix(nn.Module):
@@ -112,10 +133,10 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
-    def forward(self, x, v_first, shift=None, wkv_state=None, backend="auto"):
+    def forward(self, x, v_first, shift=None, wkv_state=None, backend="auto", resets=None, reset_state=None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _token_shift(x, shift)
+        xx = _token_shift(x, shift, resets)
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -137,12 +158,14 @@ class TimeMix(nn.Module):
             return t.view(B, T, H, N)
 
         args = (heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a))
-        if T == 1 and wkv_state is not None:
+        if T == 1 and wkv_state is not None and resets is None:
             y, wkv_state = _wkv_single_step(*args, wkv_state)
             y = y.to(r.dtype)
         else:
             # w <= -0.5 by the clamp above, so wkv7 need not check it (a device sync per call)
-            y, wkv_state = wkv7(*args, state=wkv_state, backend=backend, check_w=False)
+            y, wkv_state = wkv7(
+                *args, state=wkv_state, resets=resets, reset_state=reset_state, backend=backend, check_w=False
+            )
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
@@ -207,8 +230,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
-    def forward(self, x, shift=None):
-        xx = _token_shift(x, shift)
+    def forward(self, x, shift=None, resets=None):
+        xx = _token_shift(x, shift, resets)
         k = torch.relu(self.key(x + xx * self.x_k)).square()
         return self.value(k), x[:, -1]
 
@@ -229,12 +252,13 @@ class Block(nn.Module):
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
 
-    def forward(self, x, v_first, s_att=None, s_wkv=None, s_ffn=None, backend="auto"):
+    def forward(self, x, v_first, s_att=None, s_wkv=None, s_ffn=None, backend="auto", resets=None,
+                reset_state=None):
         if hasattr(self, "ln0"):
             x = self.ln0(x)
-        dx, v_first, s_att, s_wkv = self.att(self.ln1(x), v_first, s_att, s_wkv, backend)
+        dx, v_first, s_att, s_wkv = self.att(self.ln1(x), v_first, s_att, s_wkv, backend, resets, reset_state)
         x = x + dx
-        dx, s_ffn = self.ffn(self.ln2(x), s_ffn)
+        dx, s_ffn = self.ffn(self.ln2(x), s_ffn, resets)
         return x + dx, v_first, s_att, s_wkv, s_ffn
 
     def step(self, x, v_first, state_in, state_out):
@@ -334,10 +358,26 @@ class RWKV7(nn.Module):
             ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
         )
 
-    def hidden_states(self, idx: torch.Tensor, *, state: RWKV7State | None = None, backend: str = "auto"):
-        """Hidden states after ln_out, (B, T, C), and the state after the sequence."""
+    def initial_wkv_state(self) -> torch.Tensor | None:
+        """Hook: the (L, H, N, N) fp32 WKV state a packed sample starts from at each reset, or None for
+        zeros (the default). State tuning overrides it (e.g. `model.initial_wkv_state = lambda: tuned`)
+        so every packed sample starts from the tuned state and its gradient sums over the samples."""
+        return None
+
+    def hidden_states(self, idx: torch.Tensor, *, state: RWKV7State | None = None,
+                      resets: torch.Tensor | None = None, backend: str = "auto"):
+        """Hidden states after ln_out, (B, T, C), and the state after the sequence.
+
+        resets: optional (B, T) bool; True where a new sample starts (packing). See the module docstring.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+        reset_states: list = [None] * len(self.blocks)
+        if resets is not None:
+            _check_resets(resets, idx)
+            tuned = self.initial_wkv_state()
+            if tuned is not None:
+                reset_states = [tuned[i].expand(idx.shape[0], -1, -1, -1) for i in range(len(self.blocks))]
         x = self.emb(idx)
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         # Time segments: the whole sequence, or grad_checkpoint_len tokens when checkpointing, so that
@@ -352,23 +392,27 @@ class RWKV7(nn.Module):
         outputs = []
         for t0 in range(0, T, seg):
             h, v_first = x[:, t0 : t0 + seg], None
+            seg_resets = None if resets is None else resets[:, t0 : t0 + seg]
             for i, block in enumerate(self.blocks):
+                args = (h, v_first, *layer_states[i], backend)
+                if resets is not None:  # only then, so that the plain path is the call it always was
+                    args = (*args, seg_resets, reset_states[i])
                 if checkpointed:  # keep only this block's inputs; recompute its forward in backward
-                    h, v_first, *s = checkpoint(block, h, v_first, *layer_states[i], backend, use_reentrant=False)
+                    h, v_first, *s = checkpoint(block, *args, use_reentrant=False)
                 else:
-                    h, v_first, *s = block(h, v_first, *layer_states[i], backend)
+                    h, v_first, *s = block(*args)
                 layer_states[i] = tuple(s)
             outputs.append(h)
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         new_state = RWKV7State(*(torch.stack(field) for field in zip(*layer_states, strict=True)))
         return self.ln_out(x), new_state
 
-    def forward(self, idx, *, state=None, positions=None, return_state=False, backend="auto"):
+    def forward(self, idx, *, state=None, positions=None, return_state=False, backend="auto", resets=None):
         """Logits (B, T, V); with positions="last" (B, 1, V); with a (B, K) index tensor (B, K, V).
 
-        Only the rows asked for go through the head (inference-side slicing).
+        Only the rows asked for go through the head (inference-side slicing). resets: see hidden_states.
         """
-        h, new_state = self.hidden_states(idx, state=state, backend=backend)
+        h, new_state = self.hidden_states(idx, state=state, resets=resets, backend=backend)
         if positions is not None:
             if isinstance(positions, str):
                 if positions != "last":
@@ -441,16 +485,17 @@ class RWKV7(nn.Module):
             self._head_t_key = key
         return self._head_t
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, num_items=None) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, resets=None, num_items=None) -> torch.Tensor:
         """Cross-entropy where targets != -100, computed on those positions only (physical slicing).
 
         targets[b, t] is the token that should follow idx[b, t]. Returns sum / (num_items or N kept).
+        resets: (B, T) bool, True where a packed sample starts (see hidden_states).
         """
         from rwkvslice.slicing import sliced_cross_entropy
 
         if targets.shape != idx.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx {tuple(idx.shape)}")
-        h, _ = self.hidden_states(idx)
+        h, _ = self.hidden_states(idx, resets=resets)
         return sliced_cross_entropy(h, self.head.weight, targets, num_items=num_items)
 
     # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ W_MAX_KERNEL = -0.5
 _KERNEL_BACKENDS = ("host", "cuda")
 
 
-def _check_inputs(r, w, k, v, a, b, state):
+def _check_inputs(r, w, k, v, a, b, state, resets=None, reset_state=None):
     shape = r.shape
     if r.dim() != 4:
         raise ConfigError(f"wkv7: r must be (B, T, H, N), got shape {tuple(shape)}")
@@ -40,6 +40,29 @@ def _check_inputs(r, w, k, v, a, b, state):
         B, _, H, N = shape
         if tuple(state.shape) != (B, H, N, N):
             raise ConfigError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
+    if resets is not None:
+        _check_resets(resets, reset_state, r)
+    elif reset_state is not None:
+        raise ConfigError("wkv7: reset_state given without resets (it is only used where resets is True)")
+
+
+def _check_resets(resets, reset_state, r) -> None:
+    B, T, H, N = r.shape
+    if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
+        what = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
+        raise ConfigError(f"wkv7: resets must be a bool tensor (B, T), got {what}")
+    if tuple(resets.shape) != (B, T):
+        raise ConfigError(f"wkv7: resets has shape {tuple(resets.shape)}, expected {(B, T)}")
+    if resets.device != r.device:
+        raise ConfigError(f"wkv7: resets is on {resets.device}, the inputs on {r.device}")
+    if reset_state is not None:
+        if not isinstance(reset_state, torch.Tensor) or not reset_state.is_floating_point():
+            what = reset_state.dtype if isinstance(reset_state, torch.Tensor) else type(reset_state).__name__
+            raise ConfigError(f"wkv7: reset_state must be a float tensor (B, H, N, N), got {what}")
+        if tuple(reset_state.shape) != (B, H, N, N):
+            raise ConfigError(f"wkv7: reset_state has shape {tuple(reset_state.shape)}, expected {(B, H, N, N)}")
+        if reset_state.device != r.device:
+            raise ConfigError(f"wkv7: reset_state is on {reset_state.device}, the inputs on {r.device}")
 
 
 def _w_in_kernel_range(w: torch.Tensor | None, check_w: bool) -> bool:
@@ -73,13 +96,20 @@ def _resolve(backend: str, r: torch.Tensor, w: torch.Tensor | None = None, *, ch
     return "torch"
 
 
-def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", check_w: bool = True):
+def wkv7(
+    r, w, k, v, a, b, state=None, *, resets=None, reset_state=None, backend: str = "auto", check_w: bool = True
+):
     """WKV-7 over a sequence.
 
     Args:
         r, w, k, v, a, b: (B, T, H, N). `w` is the raw official decay parameter: decay = exp(-exp(w)).
             In the model a = -kk and b = kk * a (kk the L2-normalised key).
         state: optional initial state (B, H, N, N), fp32, official [value][key] layout.
+        resets: optional (B, T) bool on the inputs' device. Where True, the state before step t is replaced
+            by `reset_state`, so a sample that starts at t sees a fresh state whatever `state` or the
+            earlier steps carried (exact packing). None (the default) costs nothing.
+        reset_state: optional (B, H, N, N) float, the state a reset starts from (zeros when None); state
+            tuning passes its tuned initial state here. Gets a gradient summed over every reset.
         backend: one of BACKENDS.
         check_w: check w <= W_MAX_KERNEL before a kernel backend runs ("auto" reroutes to "torch",
             "cuda"/"host" raise ConfigError). Callers that bound w themselves (the model) pass False.
@@ -87,7 +117,7 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", check_w: bool =
     Returns:
         y (B, T, H, N) in the input dtype, and the final state (B, H, N, N) in fp32.
     """
-    _check_inputs(r, w, k, v, a, b, state)
+    _check_inputs(r, w, k, v, a, b, state, resets, reset_state)
     name = _resolve(backend, r, w, check_w=check_w)
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     if name == "reference":
@@ -98,4 +128,6 @@ def wkv7(r, w, k, v, a, b, state=None, *, backend: str = "auto", check_w: bool =
         from rwkvslice.ops.wkv7_cuda import wkv7_host as fn
     else:
         from rwkvslice.ops.wkv7_cuda import wkv7_cuda as fn
-    return fn(r, w, k, v, a, b, state)
+    if resets is None:  # the hot path, exactly as before
+        return fn(r, w, k, v, a, b, state)
+    return fn(r, w, k, v, a, b, state, resets=resets, reset_state=reset_state)

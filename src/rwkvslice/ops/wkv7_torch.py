@@ -31,6 +31,14 @@ inputs and the snapshots. Backward recomputes the intra-chunk quantities, scans 
 backwards, then forms all gradients in parallel. Inputs are converted and gradients written one segment
 of chunks at a time, so the temporaries stay bounded for long inputs.
 
+Resets (packing): where resets[b, t] is True the state before step t is replaced by R (`reset_state`,
+zeros when None). Inside a chunk the steps then fall into segments (a new one at each reset); each row t
+reads the initial state X of its own segment (S0 for the first, R for the others) and every exponent of
+Aw_t, Rw_t runs from the start of t's segment; the L x L matrices are masked to pairs (t, s) of the same
+segment, and Kend, Bend to the last segment, whose start state X_last (R if the chunk has a reset) is what
+the scan carries. So the reset costs a few masks and a second small matmul per chunk, not a split of the
+sequence; without resets nothing of this runs.
+
 Autocast is disabled inside (fp32 compute regardless); y takes the inputs' dtype.
 """
 
@@ -123,20 +131,62 @@ def _needs_pairwise(w: torch.Tensor) -> bool:
     return worst > _FACTORED_EXP_LIMIT[_compute_dtype(w)]
 
 
+class _Segments:
+    """Where the resets fall in a batch of chunks: resets (n, L) bool, one row per (chunk, batch, head).
+
+    same (n, L, L): 1 where steps t and s lie in the same segment; first (n, L): t reads the chunk's
+    start state S0 (no reset in the chunk up to t); has_reset (n,): the chunk ends in a segment that
+    starts from R; last (n, L, 1): 1 for the steps of the chunk's last segment.
+    """
+
+    def __init__(self, resets: torch.Tensor, dtype: torch.dtype):
+        sid = resets.to(torch.int32).cumsum(1)  # segment number of each step in its chunk
+        self.same = (sid[:, :, None] == sid[:, None, :]).to(dtype)
+        self.first = sid == 0
+        self.has_reset = sid[:, -1] > 0
+        self.last = (sid == sid[:, -1:]).to(dtype)[..., None]
+
+
+def _segment_resets(resets: torch.Tensor, H: int, c0: int, c1: int, dtype: torch.dtype) -> _Segments:
+    """_Segments of chunks c0..c1-1 in the row order of `_flat(_to_chunks(...))`: (chunk, batch, head)."""
+    B, L = resets.shape[0], CHUNK_LEN
+    part = resets[:, c0 * L : c1 * L]
+    padded = part.new_zeros(B, (c1 - c0) * L)
+    padded[:, : part.shape[1]] = part
+    rows = padded.view(B, c1 - c0, 1, L).transpose(0, 1).expand(c1 - c0, B, H, L)
+    return _Segments(rows.reshape(-1, L), dtype)
+
+
+def _per_row(first: torch.Tensor, from_s0: torch.Tensor, x: torch.Tensor, R: torch.Tensor, bh: int):
+    """Rows t of `from_s0` (= x @ S0-side operand) where `first`, else x @ R, for R (bh, N, N) shared by
+    every chunk of the batch row. x (n, m, N) -> (n, m, N)."""
+    n, m, N = x.shape
+    from_r = torch.matmul(x.view(n // bh, bh, m, N), R).view(n, m, N)
+    return torch.where(first[..., None], from_s0, from_r)
+
+
 class _Intra:
     """Quantities of a batch of chunks that depend only on the chunk inputs.
 
     x4: (n, 4L, N) = [a; r; k; b] per chunk, lam: (n, L, N). `mall` (n, 2L, 2L) holds the four L x L
     matrices as [[M_ka, M_ba], [Q_kr, Q_br]]: rows [a-side; r-side], columns [k-side; b-side].
+    `seg` (resets): exponents of Aw, Rw from each step's segment start, matrices masked to segments.
     """
 
-    def __init__(self, x4: torch.Tensor, lam: torch.Tensor, pairwise: bool):
+    def __init__(self, x4: torch.Tensor, lam: torch.Tensor, pairwise: bool, seg: _Segments | None = None):
         L = CHUNK_LEN
-        self.x4, self.lam, self.pairwise = x4, lam, pairwise
+        self.x4, self.lam, self.pairwise, self.seg = x4, lam, pairwise, seg
         expo_mat, self.mask = _consts(lam.dtype, lam.device)
         n_blocks = 4 if pairwise else 8
         self.expo_mat = expo_mat[: n_blocks * L]
+        if seg is not None:  # per chunk: Aw, Rw rows sum lam over [segment start, t - 1 or t] only
+            n = lam.shape[0]
+            own = self.expo_mat[: 2 * L] * seg.same.repeat(1, 2, 1)
+            self.expo_mat = torch.cat([own, self.expo_mat[2 * L :].expand(n, -1, -1)], 1)
+            self.mask = self.mask * seg.same.repeat(1, 2, 2)
         self.e = torch.matmul(self.expo_mat, lam).exp_()  # (n, n_blocks*L, N)
+        if seg is not None:  # only the last segment writes the chunk's end state
+            self.e[:, 2 * L : 4 * L] *= seg.last.repeat(1, 2, 1)
         n, _, N = lam.shape
         prod = self.e.view(n, n_blocks // 4, 4 * L, N) * x4[:, None]
         self.prod = prod.view(n, n_blocks * L, N)  # [Aw, Rw, Kend, Bend (, Al, Rl, Kr, Br)]
@@ -146,6 +196,8 @@ class _Intra:
 
         if pairwise:
             self.mall = self._pairwise_matrices()
+            if seg is not None:
+                self.mall.mul_(self.mask)
         else:
             self.lhs, self.rhs = self.prod[:, 4 * L : 6 * L], self.prod[:, 6 * L :]
             self.mall = torch.bmm(self.lhs, self.rhs.mT).mul_(self.mask)
@@ -200,7 +252,10 @@ class _Intra:
         else:
             torch.add(dx[:, : 4 * L], dx[:, 4 * L :], out=dx4_out)
         dlam = torch.matmul(self.expo_mat.mT, dexpo)
-        dlam += d_echunk * self.e_chunk  # e^{G_L} with G_L = sum of all lam
+        if self.seg is None:
+            dlam += d_echunk * self.e_chunk  # e^{G_L} with G_L = sum of all lam
+        else:  # e^{sum of lam over the last segment}
+            dlam += (d_echunk * self.e_chunk) * self.seg.last
         if self.pairwise:
             dlam += dlam_pair
         return dlam
@@ -257,9 +312,9 @@ class _WKV7Chunked(torch.autograd.Function):
     # and clash with the fp32 out= buffers. The inputs' own dtype still decides y's dtype.
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state):
+    def forward(ctx, r, w, k, v, a, b, state, resets=None, reset_state=None):
         with torch.autocast(r.device.type, enabled=False):
-            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state)
+            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state, resets, reset_state)
 
     @staticmethod
     @once_differentiable
@@ -268,9 +323,10 @@ class _WKV7Chunked(torch.autograd.Function):
             return _WKV7Chunked._backward(ctx, dy, ds_final)
 
     @staticmethod
-    def _forward(ctx, r, w, k, v, a, b, state):
+    def _forward(ctx, r, w, k, v, a, b, state, resets, reset_state):
         B, T, H, N = r.shape
         bh, L, cd = B * H, CHUNK_LEN, _compute_dtype(r)
+        R = None if resets is None else _reset_matrix(reset_state, bh, N, cd, r.device)
         n_chunks = -(-T // L)
         pairwise = _needs_pairwise(w)
         snaps = torch.empty(n_chunks, bh, N, N, dtype=cd, device=r.device)  # start state of each chunk
@@ -282,7 +338,8 @@ class _WKV7Chunked(torch.autograd.Function):
         y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
         for c0, c1 in _segments(n_chunks, bh, N, pairwise):
             x4, vs, lam = _segment_inputs(r, w, k, v, a, b, c0, c1)
-            it = _Intra(x4, lam, pairwise)
+            seg = None if resets is None else _segment_resets(resets, H, c0, c1, cd)
+            it = _Intra(x4, lam, pairwise, seg)
             # Each chunk's next state starts as its value part V^T u, written where it will live.
             last = (c1 - c0 - 1) * bh
             torch.bmm(vs[:last].mT, it.u[:last], out=_flat(snaps[c0 + 1 : c1]))
@@ -290,18 +347,25 @@ class _WKV7Chunked(torch.autograd.Function):
             for c in range(c0, c1):
                 rows = slice((c - c0) * bh, (c - c0 + 1) * bh)
                 s, nxt = snaps[c], (snaps[c + 1] if c + 1 < n_chunks else final)
+                if seg is not None:  # the last segment starts from R where the chunk has a reset
+                    s = torch.where(seg.has_reset[rows, None, None], R, s)
                 nxt.baddbmm_(torch.bmm(s, it.w1[rows].mT), it.b_end[rows]).addcmul_(s, it.e_chunk[rows])
-            y_seg = torch.baddbmm(torch.bmm(it.qv, vs), it.rq, _flat(snaps[c0:c1]).mT)
+            if seg is None:
+                y_seg = torch.baddbmm(torch.bmm(it.qv, vs), it.rq, _flat(snaps[c0:c1]).mT)
+            else:
+                s0_part = torch.bmm(it.rq, _flat(snaps[c0:c1]).mT)
+                y_seg = torch.bmm(it.qv, vs) + _per_row(seg.first, s0_part, it.rq, R.mT, bh)
             _from_chunks(y_seg.view(c1 - c0, bh, L, N), y[:, c0 * L : c1 * L])
-        ctx.save_for_backward(r, w, k, v, a, b, snaps)
+        ctx.save_for_backward(r, w, k, v, a, b, snaps, resets, R)
         ctx.state_dtype = None if state is None else state.dtype
+        ctx.reset_dtype = None if reset_state is None else reset_state.dtype
         ctx.pairwise = pairwise
         ctx.device_type = r.device.type
         return y, final.view(B, H, N, N)
 
     @staticmethod
     def _backward(ctx, dy, ds_final):
-        r, w, k, v, a, b, snaps = ctx.saved_tensors
+        r, w, k, v, a, b, snaps, resets, R = ctx.saved_tensors
         B, T, H, N = r.shape
         bh, L, cd = B * H, CHUNK_LEN, snaps.dtype
         n_chunks = snaps.shape[0]
@@ -311,24 +375,40 @@ class _WKV7Chunked(torch.autograd.Function):
         if ds_final is not None:
             ds.copy_(ds_final.reshape(bh, N, N))
         grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (a, r, k, b, v, w)]
+        dR = None if resets is None else torch.zeros(bh, N, N, dtype=cd, device=r.device)
         for c0, c1 in reversed(_segments(n_chunks, bh, N, ctx.pairwise)):
             n_seg, t = c1 - c0, slice(c0 * L, c1 * L)
             x4, vs, lam = _segment_inputs(r, w, k, v, a, b, c0, c1)
-            it = _Intra(x4, lam, ctx.pairwise)
+            seg = None if resets is None else _segment_resets(resets, H, c0, c1, cd)
+            it = _Intra(x4, lam, ctx.pairwise, seg)
             dys = _flat(_to_chunks([dy[:, t]], n_seg, cd))
+            dys_s0 = dys
+            if seg is not None:  # rows of later segments read R: their gradient goes to dR, not to S0
+                dys_s0 = dys * seg.first[..., None]
+                dR += torch.bmm((dys - dys_s0).mT, it.rq).view(n_seg, bh, N, N).sum(0)
             # Backward scan: ds_end[i] is the gradient of chunk c0+i's end state; each start-state
             # gradient begins as dY^T rq, written where it will live.
             ds_end = torch.empty(n_seg, bh, N, N, dtype=cd, device=r.device)
             ds_end[-1] = ds
-            torch.bmm(dys[bh:].mT, it.rq[bh:], out=_flat(ds_end[:-1]))
-            torch.bmm(dys[:bh].mT, it.rq[:bh], out=ds)
+            torch.bmm(dys_s0[bh:].mT, it.rq[bh:], out=_flat(ds_end[:-1]))
+            torch.bmm(dys_s0[:bh].mT, it.rq[:bh], out=ds)
             for i in reversed(range(n_seg)):
                 rows = slice(i * bh, (i + 1) * bh)
                 prev = ds_end[i - 1] if i > 0 else ds
-                prev.baddbmm_(torch.bmm(ds_end[i], it.b_end[rows].mT), it.w1[rows])
-                prev.addcmul_(ds_end[i], it.e_chunk[rows])
+                if seg is None:
+                    prev.baddbmm_(torch.bmm(ds_end[i], it.b_end[rows].mT), it.w1[rows])
+                    prev.addcmul_(ds_end[i], it.e_chunk[rows])
+                else:  # the gradient of the last segment's start state: S0's, or R's after a reset
+                    g = torch.bmm(torch.bmm(ds_end[i], it.b_end[rows].mT), it.w1[rows])
+                    g.addcmul_(ds_end[i], it.e_chunk[rows])
+                    reset = seg.has_reset[rows, None, None]
+                    prev += torch.where(reset, 0.0, g)
+                    dR += torch.where(reset, g, 0.0)
             s0, dsl = _flat(snaps[c0:c1]), _flat(ds_end)
-            sa = torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT)  # SA_t = S_{t-1} a_t
+            if seg is None:
+                sa = torch.baddbmm(torch.bmm(it.w2, vs), it.w1, s0.mT)  # SA_t = S_{t-1} a_t
+            else:
+                sa = torch.bmm(it.w2, vs) + _per_row(seg.first, torch.bmm(it.w1, s0.mT), it.w1, R.mT, bh)
             v_sa = torch.cat([vs, sa], 1)
             kb_dsl = torch.bmm(it.kb_end, dsl.mT)  # [Kend; Bend] dS_L^T
             dsa = torch.baddbmm(kb_dsl[:, L:], it.q_br.mT, dys)
@@ -340,9 +420,14 @@ class _WKV7Chunked(torch.autograd.Function):
             # Gradients of the products [Aw, Rw] (they read S0), [Kend, Bend] (they write S_L) and,
             # in the factored form, of the factors of the intra-chunk matrices.
             dprod = torch.empty_like(it.prod)
-            torch.bmm(dzy, s0, out=dprod[:, : 2 * L])
+            if seg is None:
+                torch.bmm(dzy, s0, out=dprod[:, : 2 * L])
+                d_echunk = (s0 * dsl).sum(-2, keepdim=True)
+            else:
+                dprod[:, : 2 * L] = _per_row(seg.first.repeat(1, 2), torch.bmm(dzy, s0), dzy, R, bh)
+                s_last = torch.where(seg.has_reset[:, None, None], R.repeat(n_seg, 1, 1), s0)
+                d_echunk = (s_last * dsl).sum(-2, keepdim=True)
             torch.bmm(v_sa, dsl, out=dprod[:, 2 * L : 4 * L])
-            d_echunk = (s0 * dsl).sum(-2, keepdim=True)
             dx4 = torch.empty_like(x4)
             dlam = it.backward(dprod, dmall, d_echunk, dx4_out=dx4)
             dx4 = dx4.view(n_seg, bh, 4, L, N)
@@ -352,18 +437,33 @@ class _WKV7Chunked(torch.autograd.Function):
             _from_chunks(dlam.mul_(lam).view(n_seg, bh, L, N), grads[5][:, t])  # lam = -exp(w): dlam/dw = lam
         da, dr, dk, db, dv_out, dw_out = grads
         d_state = None if ctx.state_dtype is None else ds.view(B, H, N, N).to(ctx.state_dtype)
-        return dr, dw_out, dk, dv_out, da, db, d_state
+        d_reset = None
+        if ctx.reset_dtype is not None and dR is not None:
+            d_reset = dR.view(B, H, N, N).to(ctx.reset_dtype)
+        return dr, dw_out, dk, dv_out, da, db, d_state, None, d_reset
 
 
-def wkv7_torch(r, w, k, v, a, b, state=None):
+def _reset_matrix(reset_state, bh: int, N: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if reset_state is None:
+        return torch.zeros(bh, N, N, dtype=dtype, device=device)
+    return reset_state.reshape(bh, N, N).to(dtype)
+
+
+def wkv7_torch(r, w, k, v, a, b, state=None, *, resets=None, reset_state=None):
     """WKV-7 over a sequence (chunked, differentiable). Same contract as `rwkvslice.ops.wkv7`.
 
     Computes in fp64 for fp64 inputs, otherwise in fp32. Returns y in r's dtype and the final state
     (B, H, N, N) in the compute dtype (fp32, or fp64 for fp64 inputs).
+    resets with no True at all run the plain path (bit for bit as resets=None; reset_state then gets no
+    gradient, as it is not used).
     """
     B, T, H, N = r.shape
+    if resets is not None and not bool(resets.any()):
+        resets, reset_state = None, None
     if T == 0:
         cd = _compute_dtype(r)
         s = torch.zeros(B, H, N, N, dtype=cd, device=r.device) if state is None else state.to(cd) + 0
         return r.new_zeros(B, 0, H, N), s
-    return _WKV7Chunked.apply(r, w, k, v, a, b, state)
+    if resets is None:
+        return _WKV7Chunked.apply(r, w, k, v, a, b, state)
+    return _WKV7Chunked.apply(r, w, k, v, a, b, state, resets, reset_state)

@@ -4,6 +4,8 @@ Normalisation: the loss of every micro-batch is sum(CE over its kept tokens) / N
 of kept tokens across *all* micro-batches of the step and *all* ranks (one all-reduce before the first
 forward). Summing those gradients gives exactly the gradient of the mean CE over one big batch. DDP
 averages gradients over ranks (divides by world_size), so each rank back-propagates loss * world_size.
+
+A micro-batch is (idx, targets) or, for packed data, (idx, targets, resets): the resets go to `model.loss`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, num_items: int,
+                resets: torch.Tensor | None = None) -> torch.Tensor:
         loss_fn: Callable[..., torch.Tensor] = self.model.loss  # type: ignore[assignment]
-        return loss_fn(idx, targets, num_items=num_items)
+        if resets is None:
+            return loss_fn(idx, targets, num_items=num_items)
+        return loss_fn(idx, targets, resets=resets, num_items=num_items)
 
 
 def check_precision(precision: str) -> None:
@@ -70,7 +75,7 @@ def first_nonfinite_grad(named_params) -> str | None:
 def train_step(
     loss_module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[tuple[torch.Tensor, ...]],
     env: DistEnv,
     *,
     precision: str = "fp32",
@@ -87,8 +92,8 @@ def train_step(
     inner: nn.Module = plain.model  # type: ignore[assignment]
     named = list(inner.named_parameters())
 
-    kept_local = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches)
-    tokens_local = sum(t.numel() for _, t in micro_batches)
+    kept_local = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in micro_batches)
+    tokens_local = sum(batch[1].numel() for batch in micro_batches)
     counts = all_reduce_sum(torch.tensor([kept_local, tokens_local], dtype=torch.float64, device=device), env)
     kept, tokens = int(counts[0].item()), int(counts[1].item())
     # an all-ignored step: every loss is 0 and stays in the graph, so dividing by 1 is harmless
@@ -96,14 +101,15 @@ def train_step(
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     nonfinite = None
-    for i, (idx, targets) in enumerate(micro_batches):
-        idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for i, batch in enumerate(micro_batches):
+        idx, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        packed = tuple(x.to(device, non_blocking=True) for x in batch[2:])  # (resets,) for packed data
         last = i == len(micro_batches) - 1
         no_sync = (loss_module.no_sync() if env.distributed and not last  # type: ignore[operator]
                    else contextlib.nullcontext())
         with no_sync:
             with autocast_context(precision, device):
-                loss = loss_module(idx, targets, num_items)
+                loss = loss_module(idx, targets, num_items, *packed)
             loss = loss.float()
             if nonfinite is None and not torch.isfinite(loss).item():
                 nonfinite = f"loss (micro-batch {i + 1})"
