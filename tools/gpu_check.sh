@@ -34,12 +34,12 @@
 #   tests that need the `rwkv` package skip with that reason).
 
 set -u
-RESULTS="${1:-${OUT:-build/gpu-check}}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$ROOT" || exit 1
+RESULTS="${1:-${OUT:-$ROOT/build/gpu-check}}"
 mkdir -p "$RESULTS" || exit 1
 RESULTS="$(cd "$RESULTS" && pwd)"
+cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
 SUMMARY="$RESULTS/summary.md"
@@ -161,9 +161,11 @@ export -f env_report sanitizer sanitize
 export PY SANLOG
 step env 60 env_report
 step build 180 "$PY" tools/gpu_kernel_run.py build
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # pytest-xdist is on the device image; serial without it
 step pytest 200 env RWKVSLICE_TEST_DEVICE=cuda RWKVSLICE_TEST_DTYPE=bfloat16 RWKVSLICE_REQUIRE_CUDA=1 \
   "$PY" -m pytest tests/runtime -m "gpu or not slow" -k "not compute_sanitizer" -q -p no:cacheprovider \
-  -n 8 --timeout 120 --junitxml="$RESULTS/pytest.xml"
+  "${XDIST[@]}" --timeout 120 --junitxml="$RESULTS/pytest.xml"
 step memcheck 60 sanitize memcheck
 step racecheck 60 sanitize racecheck
 OFFICIAL="$(official_dir)"
