@@ -2,8 +2,11 @@
 the fp64 reference loop, for y, the final state and the gradients of r, w, k, v, a, b and the initial state.
 
 Tolerance: relative norm error < 1e-5 (fp32 arithmetic; the backstepping backward measures ~3e-6 on the
-gradients of r, w and a with the model's decay range, ~2e-7 elsewhere). Also the build cache: built once,
-reused, safe under concurrent builds, and one-line errors when the compiler is missing or fails.
+gradients of r, w and a with the model's decay range, ~2e-7 elsewhere). With resets (packed sequences), against
+an fp64 loop written from the definition, all 8 gradients including reset_state's: worst measured 1.9e-6 (dw).
+The drivers' phase order: every pair of adjacent phases merged (a missing __syncthreads on the GPU) fails these
+checks. Also no-grad forwards skip the backward's buffers, and the build cache: built once, reused, safe under
+concurrent builds, and one-line errors when the compiler is missing or fails.
 """
 
 from __future__ import annotations

@@ -320,7 +320,8 @@ WKV7_HD void wkv7_backward_phase2(const Wkv7BackwardArgs<Tin>& p, int bb, int h,
     wkv7_store(p.da + wkv7_token_index(p.T, p.H, N, bb, t, h, i), da);
 }
 
-// Thread i, after phase 2 of a step t with resets[bb][t]. The state entering step t was reset_state, so the
+// Thread i, after phase 2 of a step t with resets[bb][t] (a phase of its own, only at resets: merged into
+// phase 2 it made ptxas spill more in the common path). The state entering step t was reset_state, so the
 // gradient just computed (dS_{t-1}) is reset_state's, and the state carried out of step t - 1 gets none.
 // Backstepping cannot rebuild that carried state (the reset erased it), so unless step t - 1 ends a chunk (then
 // its snapshot is reloaded anyway) the driver replays the chunk forward from its start up to step t - 1:
@@ -329,6 +330,7 @@ template <int N, typename Tin>
 WKV7_HD void wkv7_backward_reset(const Wkv7BackwardArgs<Tin>& p, int bb, int h, int t, int i,
                                  Wkv7BackwardThread<N>& g) {
     const wkv7_index row = wkv7_state_base(p.H, N, bb, h) + (wkv7_index)i * N;
+    WKV7_UNROLL  // constant indices keep dstate in registers
     for (int j = 0; j < N; j++) p.dreset_state[row + j] += g.dstate[j];
     WKV7_UNROLL
     for (int j = 0; j < N; j++) g.dstate[j] = g.dstateT[j] = 0.0f;
@@ -399,11 +401,9 @@ WKV7_HD void wkv7_backward_block(Block& blk, const Wkv7BackwardArgs<Tin>& p, int
         const bool reset = wkv7_is_reset(p.resets, p.T, bb, t);
         blk.phase([&](int i) { wkv7_backward_load<N>(p, bb, h, t, i, step); });
         blk.phase([&](int i) { wkv7_backward_phase1<N>(p, bb, h, t, i, step, th[i]); });
-        blk.phase([&](int i) {
-            wkv7_backward_phase2<N>(p, bb, h, t, i, step, th[i]);
-            if (reset) wkv7_backward_reset<N>(p, bb, h, t, i, th[i]);
-        });
-        if (reset) {  // replay the chunk from its start up to step t - 1 (no steps when t starts a chunk)
+        blk.phase([&](int i) { wkv7_backward_phase2<N>(p, bb, h, t, i, step, th[i]); });
+        if (reset) {  // then replay the chunk from its start up to step t - 1 (no steps when t starts a chunk)
+            blk.phase([&](int i) { wkv7_backward_reset<N>(p, bb, h, t, i, th[i]); });
             for (int u = t - t % WKV7_CHUNK_LEN; u < t; u++) {
                 blk.phase([&](int i) { wkv7_backward_load<N>(p, bb, h, u, i, step); });
                 blk.phase([&](int i) { wkv7_backward_replay<N>(p, bb, h, u, i, step, th[i]); });

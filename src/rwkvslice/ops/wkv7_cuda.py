@@ -77,35 +77,13 @@ class HostOps:
         ds0 = r.new_empty(B, H, N, N)
         # Zeroed and accumulated by the kernel at the reset steps; empty (not written) without resets.
         dreset_state = r.new_empty(B, H, N, N) if resets is not None else r.new_empty(0)
+        # fmt: off
         rc = HostOps._lib().rwkvslice_wkv7_host_backward(
-            B,
-            T,
-            H,
-            N,
-            *_ptrs(
-                r,
-                w,
-                k,
-                v,
-                a,
-                b,
-                dy,
-                dsT,
-                snap,
-                sa,
-                s0,
-                resets,
-                reset_state,
-                dr,
-                dw,
-                dk,
-                dv,
-                da,
-                db,
-                ds0,
-                dreset_state,
-            ),
+            B, T, H, N,
+            *_ptrs(r, w, k, v, a, b, dy, dsT, snap, sa, s0, resets, reset_state,
+                   dr, dw, dk, dv, da, db, ds0, dreset_state),
         )
+        # fmt: on
         _check_rc("backward", rc, N)
         return dr, dw, dk, dv, da, db, ds0, dreset_state
 
