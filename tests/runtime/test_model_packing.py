@@ -246,3 +246,16 @@ def test_bad_resets_are_one_line_config_errors(resets, match):
     with pytest.raises(ConfigError, match=match) as info:
         model.loss(idx, idx, resets=resets)
     assert "\n" not in str(info.value)
+
+
+def test_a_reset_on_a_single_token_continuation_ignores_the_carried_state():
+    """T = 1 with a carried state (the RNN-style path) and a reset: the token starts afresh."""
+    model = make_model().eval()
+    with torch.no_grad():
+        _, carried = model.hidden_states(torch.randint(1, VOCAB, (2, 9)))
+        tok = torch.randint(1, VOCAB, (2, 1))
+        h, _ = model.hidden_states(tok, state=carried, resets=torch.tensor([[True], [False]]))
+        fresh, _ = model.hidden_states(tok[:1])
+        cont, _ = model.hidden_states(tok[1:], state=carried.index_select(torch.tensor([1])))
+    torch.testing.assert_close(h[:1], fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h[1:], cont, rtol=1e-5, atol=1e-5)

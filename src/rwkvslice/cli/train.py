@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
     src.add_argument("--data", metavar="PATH", help=".txt, .jsonl or a binidx prefix (PREFIX.bin/.idx)")
     src.add_argument("--tokenizer", choices=("byte", "world"), default=None, help="default: byte")
     src.add_argument("--ctx-len", type=int, default=None, metavar="T", help="tokens per window (default 256)")
-    src.add_argument("--pack", action="store_true", help="pack several short samples into one window")
+    src.add_argument("--pack", action="store_true",
+                     help="pack several short .jsonl samples into one window (exact: the state resets at each)")
     src.add_argument(
         "--num-workers", type=int, default=0, metavar="N", help="data-loader worker processes (default 0)"
     )

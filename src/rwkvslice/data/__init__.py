@@ -4,7 +4,8 @@ batching, and the synthetic demo task.
     tok = get_tokenizer("byte")                      # or "world" (needs: pip install 'rwkvslice[world]')
     ds = build_dataset("train.jsonl", tok, ctx_len=256, pack=True)
     loader = ResumableLoader(ds, batch_size=8, seed=0)
-    for idx, targets in loader: ...                  # (8, 256) int64 each, targets -100 = no loss
+    for idx, targets, resets in loader: ...          # (8, 256) int64 each, targets -100 = no loss;
+                                                     # resets (bool, packed data only): sample starts
 
 Module docstrings hold the exact policies: records.py (file formats, chat template), windows.py
 (windows, truncation, padding, packing), loader.py (order, sharding, resume), binidx.py (file layout),
