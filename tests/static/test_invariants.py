@@ -261,9 +261,10 @@ ALLOWED_IMPORTS = {
     "slicing": {"errors", "slicing"},
     "data": {"errors", "data"},
     "model": {"errors", "model", "ops", "cuda", "slicing"},
-    "generate": {"errors", "generate", "model", "ops", "cuda", "slicing", "data", "train"},
-    "train": {"errors", "train", "model", "ops", "cuda", "slicing", "data", "generate"},
-    "cli": {"errors", "cli", "train", "model", "ops", "cuda", "slicing", "data", "generate"},
+    "peft": {"errors", "peft", "model", "ops", "cuda", "slicing"},
+    "generate": {"errors", "peft", "generate", "model", "ops", "cuda", "slicing", "data", "train"},
+    "train": {"errors", "peft", "train", "model", "ops", "cuda", "slicing", "data", "generate"},
+    "cli": {"errors", "peft", "cli", "train", "model", "ops", "cuda", "slicing", "data", "generate"},
 }
 
 
