@@ -56,7 +56,7 @@ def attach(model: Any, spec: TuneSpec, *, init_from: str | None, model_arg: str,
     if resume_from is not None:
         load_trainable(model, tensors, str(resume_from))
     elif log is not None and not init_from:
-        log(f"note: --tune {spec.kind} on a freshly initialised model (no --init-from): allowed, but "
-            "adapters or a state on random weights learn little; fine-tune an official .pth instead")
+        log(f"note: --tune {spec.kind} on a freshly initialised model (no --init-from) is allowed but pointless "
+            "(random weights; the official init zeroes att.output, so a state gets no gradient at all)")
     model.peft_base = identity
     return identity
