@@ -24,14 +24,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rwkvslice.generate.loading import load_tuned_model
-    from rwkvslice.model import RWKV7
-    from rwkvslice.peft import save_state_file, set_initial_state
-    from rwkvslice.peft.tuning import is_tuned_dir
-    from rwkvslice.train.checkpoint import resolve_weights_dir
-
     if args.official is None and args.state is None:
         raise ConfigError("nothing to export: pass --official OUT.pth and/or --state OUT.pth")
     for flag, name in (("--official", args.official), ("--state", args.state)):
@@ -42,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {out}: the file name must end in .pth")
         if not out.parent.is_dir():
             raise ConfigError(f"{flag} {out}: directory {out.parent} does not exist")
+    import torch  # only now: argument errors answer without paying for it
+
+    from rwkvslice.generate.loading import load_tuned_model
+    from rwkvslice.model import RWKV7
+    from rwkvslice.peft import save_state_file, set_initial_state
+    from rwkvslice.peft.tuning import is_tuned_dir
+    from rwkvslice.train.checkpoint import resolve_weights_dir
+
     weights = resolve_weights_dir(args.ckpt)
     # a --tune lora/state checkpoint: the tuned model (LoRA merged into the weights)
     model = load_tuned_model(weights) if is_tuned_dir(weights) else RWKV7.from_pretrained(weights)
