@@ -162,3 +162,15 @@ def test_state_file_round_trip_and_bad_files(tmp_path):
         load_state_file(tmp_path / "junk.pth", (2, 2, 32, 32))
     with pytest.raises(CheckpointError, match="no such file"):
         load_state_file(tmp_path / "missing.pth", (2, 2, 32, 32))
+
+
+def test_save_pretrained_keeps_the_state_and_save_official_leaves_it_out(tmp_path):
+    model = make_model()
+    set_initial_state(model, random_state(model))
+    model.save_pretrained(tmp_path / "d")
+    again = RWKV7.from_pretrained(tmp_path / "d")
+    assert torch.equal(again.initial_state, model.initial_state)
+    assert torch.equal(again(IDX), model(IDX))
+    model.save_official(tmp_path / "m.pth")
+    assert "initial_state" not in torch.load(tmp_path / "m.pth", weights_only=True)
+    assert RWKV7.from_official(tmp_path / "m.pth").initial_state is None
