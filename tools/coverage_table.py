@@ -88,6 +88,7 @@ COMPONENTS: dict[str, list[str]] = {
         "rwkvslice/model/rwkv7.py:RWKV7.init_state",
     ],
     "CLI": ["rwkvslice/cli/*"],
+    "PEFT": ["rwkvslice/peft/*"],
 }
 # Rows for checks that are about the repository as a whole (ruff, mypy, docs agreement): Static column only.
 PROJECT_ROW = "Project-wide"
@@ -123,6 +124,7 @@ TEST_FILES: list[tuple[str, str]] = [
     ("tests/*/test_generat*", "Generation"),
     ("tests/*/test_sampl*", "Generation"),
     ("tests/*/test_rnn*", "Generation"),
+    ("tests/*/test_peft*", "PEFT"),
     ("tests/*/test_cli*", "CLI"),
     ("tests/*/test_train*", "Training Loop"),
     ("tests/*/test_step*", "Training Loop"),

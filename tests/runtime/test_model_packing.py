@@ -168,14 +168,14 @@ def test_model_loss_and_forward_take_resets():
 
 
 def test_state_tuning_hook_starts_every_packed_sample_from_the_tuned_state():
-    """initial_wkv_state (the state-tuning hook) is the state at every reset; its gradient is the sum of
-    the per-sample gradients of starting from it."""
+    """A tuned initial state (state tuning's `model.initial_state`, read through the initial_wkv_state
+    hook) is the state at every reset; its gradient is the sum of the per-sample gradients of starting
+    from it."""
     model = make_model()
     cfg = model.config
     g = torch.Generator().manual_seed(7)
-    tuned = (torch.randn(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size, generator=g) * 0.5)
-    tuned.requires_grad_()
-    model.initial_wkv_state = lambda: tuned  # type: ignore[method-assign]
+    tuned = torch.nn.Parameter(torch.randn(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size, generator=g) * 0.5)
+    model.initial_state = tuned
     samples = make_samples([13, 16, 20])
     idx, targets, resets = pack(samples, 52)
     N = int((targets != -100).sum())

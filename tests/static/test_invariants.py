@@ -262,9 +262,10 @@ ALLOWED_IMPORTS = {
     "slicing": {"errors", "slicing", "selfcheck"},
     "data": {"errors", "data"},
     "model": {"errors", "model", "ops", "cuda", "slicing", "selfcheck"},
-    "generate": {"errors", "generate", "model", "ops", "cuda", "slicing", "data", "train", "selfcheck"},
-    "train": {"errors", "train", "model", "ops", "cuda", "slicing", "data", "generate", "selfcheck"},
-    "cli": {"errors", "cli", "train", "model", "ops", "cuda", "slicing", "data", "generate", "selfcheck"},
+    "peft": {"errors", "peft", "model", "ops", "cuda", "slicing", "selfcheck"},
+    "generate": {"errors", "peft", "generate", "model", "ops", "cuda", "slicing", "data", "train", "selfcheck"},
+    "train": {"errors", "peft", "train", "model", "ops", "cuda", "slicing", "data", "generate", "selfcheck"},
+    "cli": {"errors", "peft", "cli", "train", "model", "ops", "cuda", "slicing", "data", "generate", "selfcheck"},
 }
 
 

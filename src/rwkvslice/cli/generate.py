@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokenizer", choices=("byte", "world"), default=None,
                    help="default: the one the checkpoint was trained with")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="start from this initial WKV state: a state file (RWKV-PEFT's "
+                   "blocks.{i}.att.time_state .pth, or ours); replaces a --tune state run's own")
     p.set_defaults(run=run)
 
 
@@ -57,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _, _ = load_model(args.ckpt, device=args.device, tokenizer=args.tokenizer)
+    if args.state is not None:
+        from rwkvslice.peft import load_state_file, set_initial_state
+        from rwkvslice.peft.state import state_shape
+
+        set_initial_state(model, load_state_file(args.state, state_shape(model)))
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt is empty")

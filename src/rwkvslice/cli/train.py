@@ -44,6 +44,21 @@ def add_parser(subparsers) -> None:
     )
     m.add_argument("--init-from", metavar="PTH", help="fine-tune from an official RWKV-7 .pth")
 
+    t = p.add_argument_group("parameter-efficient fine-tuning (rwkvslice.peft)")
+    t.add_argument("--tune", choices=("full", "lora", "state"), default="full",
+                   help="what trains: every weight (default), LoRA adapters, or each layer's initial WKV "
+                   "state (state: default --lr 1.0, --min-lr 0.01)")
+    t.add_argument("--lora-r", type=int, default=None, metavar="N", help="LoRA rank (default 16)")
+    t.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="LoRA scaling alpha; the update is (alpha / r) B A (default 32)")
+    t.add_argument("--lora-targets", default=None, metavar="LIST",
+                   help="comma-separated linear layers of each block (default "
+                   "att.receptance,att.key,att.value,att.output,ffn.key,ffn.value)")
+    t.add_argument("--lora-init", choices=("lora", "pissa"), default=None,
+                   help="lora: B = 0 (default); pissa: A, B from the top-r singular vectors of W, W - BA frozen")
+    t.add_argument("--train-also", default=None, metavar="time,ln,emb,head",
+                   help="with --tune lora: also train these parameter kinds in full")
+
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps (default 100)")
     o.add_argument(
@@ -144,6 +159,11 @@ def _config_from_args(args: argparse.Namespace):
         raise ConfigError("no training data: pass --data PATH or --demo")
     base = TrainConfig(out=args.out)
     defaults = dict(DEMO_DEFAULTS) if args.demo else {}
+    tune_values = _tune_values(args, base)
+    if args.tune == "state" and args.lr is None:
+        from rwkvslice.peft.run import STATE_LR, STATE_MIN_LR
+
+        defaults.update(lr=STATE_LR, min_lr=STATE_MIN_LR if args.min_lr is None else args.min_lr)
     values: dict = {}
     for name in (
         "tokenizer",
@@ -179,8 +199,22 @@ def _config_from_args(args: argparse.Namespace):
         progress=not args.no_progress,
         grad_checkpoint=args.grad_checkpoint,
         grad_checkpoint_len=args.grad_checkpoint_len,
+        **tune_values,
         **values,
     )
+
+
+def _tune_values(args: argparse.Namespace, base) -> dict:
+    """--tune and its options; LoRA options without --tune lora are a mistake, not something to ignore."""
+    lora = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets,
+            "lora_init": args.lora_init}
+    given = [k for k, v in lora.items() if v is not None]
+    if given and args.tune != "lora":
+        raise ConfigError(f"--{given[0].replace('_', '-')} needs --tune lora (got --tune {args.tune})")
+    if args.train_also is not None and args.tune == "state":
+        raise ConfigError("--tune state trains only the initial state; drop --train-also (or use --tune lora)")
+    values = {k: (v if v is not None else getattr(base, k)) for k, v in lora.items()}
+    return {"tune": args.tune, "train_also": args.train_also or "", **values}
 
 
 def run(args: argparse.Namespace) -> int:

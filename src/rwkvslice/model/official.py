@@ -145,7 +145,10 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_official(model, path, dtype=torch.float32) -> None:
     path = Path(path)
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    # a tuned initial state (rwkvslice.peft) is not part of the official weights layout: it has its own
+    # file (RWKV-PEFT's blocks.{i}.att.time_state, `rwkvslice export --state`)
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+          if k != "initial_state"}
     _atomic_write(path, lambda tmp: torch.save(sd, tmp))
 
 
@@ -185,6 +188,8 @@ def load_pretrained(directory, cls, map_location="cpu"):
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: cannot read safetensors file: {exc}") from None
     model = cls(config)
+    if "initial_state" in sd:  # saved from a model with a tuned initial state (rwkvslice.peft)
+        model.initial_state = torch.nn.Parameter(sd["initial_state"].float(), requires_grad=False)
     expected = model.state_dict()
     for key in expected:
         if key not in sd:

@@ -277,6 +277,8 @@ class Block(nn.Module):
 
 
 class RWKV7(nn.Module):
+    initial_state: nn.Parameter | None  # registered in __init__ (see there)
+
     def __init__(self, config: RWKV7Config):
         super().__init__()
         self.config = config
@@ -290,6 +292,13 @@ class RWKV7(nn.Module):
         # block on n tokens instead of T).
         self.grad_checkpointing = False
         self.grad_checkpoint_len: int | None = None
+        # State tuning (rwkvslice.peft.state): an optional (L, H, N, N) fp32 initial WKV state, used by
+        # hidden_states / forward / loss whenever no state is passed and returned by init_state. None
+        # means the zero state. A Parameter when set, so it trains, syncs under DDP and shards like any.
+        self.register_parameter("initial_state", None)
+        # rwkvslice.peft sets this while unmerged LoRA adapters are attached: Block.step and the fused
+        # CPU kernels read the Linear weights directly, so RNN mode then runs GPT mode on T = 1.
+        self.step_via_forward = False
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------
@@ -352,17 +361,20 @@ class RWKV7(nn.Module):
         device = device or self.emb.weight.device
         L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
         dtype = self.emb.weight.dtype
+        s0 = self.initial_state
+        wkv = (torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32) if s0 is None else
+               s0.detach().to(device, torch.float32)[:, None].expand(L, batch_size, H, N, N).clone())
         return RWKV7State(
             att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
-            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            wkv=wkv,
             ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
         )
 
     def initial_wkv_state(self) -> torch.Tensor | None:
-        """Hook: the (L, H, N, N) fp32 WKV state a packed sample starts from at each reset, or None for
-        zeros (the default). State tuning overrides it (e.g. `model.initial_wkv_state = lambda: tuned`)
-        so every packed sample starts from the tuned state and its gradient sums over the samples."""
-        return None
+        """The (L, H, N, N) fp32 WKV state a packed sample starts from at each reset: the tuned initial
+        state when state tuning set one (`initial_state`, rwkvslice.peft), else None for zeros. So every
+        packed sample starts from the tuned state, as it would alone, and its gradient sums over them."""
+        return None if self.initial_state is None else self.initial_state.float()
 
     def hidden_states(self, idx: torch.Tensor, *, state: RWKV7State | None = None,
                       resets: torch.Tensor | None = None, backend: str = "auto"):
@@ -385,10 +397,13 @@ class RWKV7(nn.Module):
         # sequence across segments exactly, as in RNN mode.
         T = x.shape[1]
         seg = (self.grad_checkpoint_len or T) if checkpointed else T
-        layer_states = [
+        layer_states: list[tuple] = [
             (None, None, None) if state is None else (state.att_shift[i], state.wkv[i], state.ffn_shift[i])
             for i in range(len(self.blocks))
         ]
+        if state is None and self.initial_state is not None:  # tuned initial WKV state (differentiable)
+            s0 = self.initial_state.float()
+            layer_states = [(None, s0[i].expand(x.shape[0], *s0.shape[1:]), None) for i in range(len(self.blocks))]
         outputs = []
         for t0 in range(0, T, seg):
             h, v_first = x[:, t0 : t0 + seg], None
@@ -434,7 +449,7 @@ class RWKV7(nn.Module):
         C++ call instead (ops/rnn_step_cpu.py, Block.step being its reference). With gradients enabled
         it runs GPT mode on T = 1, which is differentiable and gives the same values.
         """
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.step_via_forward:
             h, state = self.hidden_states(tokens.view(-1, 1), state=state)
             return self.head(h[:, 0]), state
         x = self.emb(tokens.view(-1))

@@ -30,6 +30,14 @@ from rwkvslice.errors import CheckpointError
 STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt", "run.json")
 WEIGHT_FILES = ("model.safetensors", "config.json")
+# A LoRA / state run (rwkvslice.peft) writes only its trainable tensors and the base's identity instead
+# of model.safetensors: peft.safetensors + peft.json (+ config.json).
+TUNED_REQUIRED_FILES = ("peft.safetensors", "peft.json", "config.json", "optimizer.pt", "trainer_state.pt",
+                        "run.json")
+
+
+def is_complete(path: Path) -> bool:
+    return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, TUNED_REQUIRED_FILES))
 
 
 def fsync_path(path: Path) -> None:
@@ -79,7 +87,12 @@ def to_plain(obj):
 
 
 def _write_weights(model, directory: Path) -> None:
-    if hasattr(model, "save_pretrained"):
+    spec = getattr(model, "peft_spec", None)
+    if spec is not None and spec.kind != "full":
+        from rwkvslice.peft.tuning import save_tuned
+
+        save_tuned(model, directory, model.peft_base)
+    elif hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
     else:  # a plain nn.Module (tests): weights only
         from safetensors.torch import save_file
@@ -143,7 +156,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES):
+        if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -172,7 +185,8 @@ def clean_stale(root: str | os.PathLike) -> None:
 def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
     """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
     ckpt = Path(ckpt)
-    for f in REQUIRED_FILES:
+    files = TUNED_REQUIRED_FILES if (ckpt / "peft.json").is_file() else REQUIRED_FILES
+    for f in files:
         if not (ckpt / f).is_file():
             raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
     try:
@@ -189,7 +203,7 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if all((path / f).is_file() for f in WEIGHT_FILES):
+    if all((path / f).is_file() for f in WEIGHT_FILES) or (path / "peft.json").is_file():
         return path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:

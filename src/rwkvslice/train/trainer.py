@@ -22,6 +22,9 @@ import torch
 
 from rwkvslice.errors import ConfigError, RWKVSliceError
 from rwkvslice.model import RWKV7
+from rwkvslice.peft import run as peft_run
+from rwkvslice.peft.lora import DEFAULT_TARGETS, parse_targets
+from rwkvslice.peft.tuning import TuneSpec, keep_frozen_in_bf16, parse_parts
 from rwkvslice.train import checkpoint as ckpt_io
 from rwkvslice.train.distributed import (
     DistEnv,
@@ -73,6 +76,18 @@ class TrainConfig:
     progress: bool = True
     grad_checkpoint: bool = False  # recompute each block's forward in backward (less memory, ~1/3 more time)
     grad_checkpoint_len: int | None = None  # ... per segment of this many tokens (implies grad_checkpoint)
+    # What trains (rwkvslice.peft): everything, LoRA adapters (+ --train-also kinds), or the initial state.
+    tune: str = "full"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: str = ",".join(DEFAULT_TARGETS)
+    lora_init: str = "lora"
+    train_also: str = ""
+
+    def tune_spec(self) -> TuneSpec:
+        return TuneSpec(kind=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                        lora_targets=parse_targets(self.lora_targets), lora_init=self.lora_init,
+                        train_also=parse_parts(self.train_also))
 
     def resolved_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
@@ -126,6 +141,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if cfg.data is None:
         raise ConfigError("no training data: pass --data PATH (or --demo)")
+    cfg.tune_spec().validate()
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -259,7 +275,12 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     if latest is not None:
         optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
         _check_resume_args(cfg, run_info, Path(latest), env.world_size)
-        model = RWKV7.from_pretrained(latest)
+        if cfg.tune == "full":
+            model = RWKV7.from_pretrained(latest)
+        else:  # the checkpoint holds only the trainable tensors: rebuild the base, check it, load them
+            model = build_model(cfg, tokenizer)
+            peft_run.attach(model, cfg.tune_spec(), init_from=cfg.init_from, model_arg=cfg.model,
+                            seed=cfg.seed, resume_from=latest)
         start_step = int(trainer_state["step"])
         if start_step > cfg.steps:
             raise ConfigError(f"--steps {cfg.steps}: {latest} is already at step {start_step}")
@@ -269,8 +290,13 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
                 f"{torch.get_num_threads()}; CPU results then match only to rounding, not bit for bit")
     else:
         model = build_model(cfg, tokenizer)
+        if cfg.tune != "full":
+            peft_run.attach(model, cfg.tune_spec(), init_from=cfg.init_from, model_arg=cfg.model,
+                            seed=cfg.seed, log=log if env.is_main else None)
         start_step = 0
     model.to(env.device)
+    if cfg.tune != "full" and cfg.precision == "bf16" and env.device.type == "cuda":
+        keep_frozen_in_bf16(model)  # only trainable tensors need fp32 masters
     model.train()
     model.grad_checkpointing = cfg.grad_checkpoint or cfg.grad_checkpoint_len is not None
     model.grad_checkpoint_len = cfg.grad_checkpoint_len

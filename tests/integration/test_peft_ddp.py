@@ -1,0 +1,68 @@
+"""DDP (2 gloo ranks) with LoRA and with state tuning equals one process with twice the batch.
+
+The ranks run `rwkvslice train` with torchrun's environment (file:// rendezvous, see test_ddp.py);
+the single process runs the same command at batch 2b. Tolerance as in test_ddp.py: losses rel 1e-5
+(fp32 sums in another order), trainable tensors norm-relative 1e-3 after AdamW (a float-noise gradient
+element can take a +-lr step on one side only; a normalisation bug moves every element by O(lr)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rwkvslice import RWKV7, RWKV7Config
+from rwkvslice.data import DemoTask
+
+pytestmark = [pytest.mark.ddp, pytest.mark.component("PEFT")]
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_ddp import launch  # noqa: E402
+
+
+@pytest.mark.slow  # 3 CLI processes per case
+@pytest.mark.parametrize("tune", [["--tune", "lora", "--lora-r", "4"], ["--tune", "state"]], ids=["lora", "state"])
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, tune):
+    data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")
+    torch.manual_seed(0)  # a base whose every weight matters (the official init zeroes att.output, which
+    model = RWKV7(RWKV7Config(vocab_size=320, n_embd=64, n_layer=2, head_size=32))  # blocks a state's grad)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_official(tmp_path / "base.pth")
+    common = ["--data", str(data), "--init-from", str(tmp_path / "base.pth"), "--ctx-len", "32", "--steps", "3",
+              "--lr", "2e-2", "--warmup-steps", "1", "--no-progress", "--device", "cpu", *tune]
+    ddp_out = tmp_path / "ddp"
+    results = launch(tmp_path, lambda r: [sys.executable, "-m", "rwkvslice.cli", "train", "--out", str(ddp_out),
+                                          "--batch-size", "4", *common])
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    single_out = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "rwkvslice.cli", "train", "--out", str(single_out),
+                           "--batch-size", "8", *common], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def recs(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ddp, single = recs(ddp_out), recs(single_out)
+    assert [r["step"] for r in ddp] == [1, 2, 3]
+    for a, b in zip(ddp, single, strict=True):
+        assert a["tokens"] == b["tokens"] and a["kept_tokens"] == b["kept_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    a = load_file(str(ddp_out / "checkpoints" / "step-00000003" / "peft.safetensors"))
+    b = load_file(str(single_out / "checkpoints" / "step-00000003" / "peft.safetensors"))
+    assert a.keys() == b.keys() and a
+    moved = 0.0
+    for k in a:
+        err = ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)).item()
+        assert err < 1e-3, (k, err)
+        moved = max(moved, b[k].double().abs().max().item())
+    assert moved > 0  # the trainable tensors did train (the state starts at zero, B at zero)
