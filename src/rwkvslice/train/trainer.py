@@ -409,16 +409,17 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
                     write_best(out, held_out, last_ckpt)
             if stopping:
                 break
+        progress.close()
+        if env.is_main:
+            log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
     finally:
-        stop.restore()
+        stop.restore()  # after the plot: a second signal until here still means ForcedStop, not a raw kill
         if tb is not None:
             tb.close()
         progress.close()
         if metrics is not None:
             metrics.close()
 
-    if env.is_main:
-        log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
     stopped = stop.reason is not None
     return TrainResult(out=out, step=step if stopped else cfg.steps, last_loss=last_loss, checkpoint=last_ckpt,
                        model=model, tokenizer=tokenizer, losses=losses, is_main=env.is_main,
