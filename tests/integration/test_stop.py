@@ -28,7 +28,7 @@ from rwkvslice.train import trainer as trainer_mod
 from rwkvslice.train.checkpoint import latest_checkpoint
 from rwkvslice.train.evaluate import evaluate_loss
 
-pytestmark = pytest.mark.component("Training Loop")
+pytestmark = pytest.mark.component("Clean Stop")
 
 STOP_LINE = re.compile(r"^(stopped by SIG\w+|--max-time \S+ reached) after step (\d+) of (\d+): checkpoint (\S+); "
                        r"resume with the same command and --resume$")
@@ -215,7 +215,7 @@ def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_referen
 # 2 DDP ranks (torchrun's environment, file:// rendezvous, as in test_ddp.py). SIGTERM reaches rank 1
 # only: rank 0 learns of it through the per-step all-reduce, and both stop after the same step.
 
-DDP_STEPS = 10
+DDP_STEPS = 8
 
 
 def start_ranks(tmp_path, args, tag):
@@ -257,7 +257,7 @@ def test_ddp_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, files):
 
     rng = random.Random()
     out = tmp_path / "run"
-    wait_for = rng.randint(2, 6)
+    wait_for = rng.randint(2, 5)
     procs = start_ranks(tmp_path, ddp_argv(files, out), "run")
     try:
         deadline = time.monotonic() + 240

@@ -17,7 +17,7 @@ from rwkvslice.data import DemoTask
 from rwkvslice.train.evaluate import EvalResult
 from rwkvslice.train.trainer import TrainConfig, train
 
-pytestmark = pytest.mark.component("Training Loop")
+pytestmark = pytest.mark.component("Held-out Evaluation")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from rwkvslice import RWKV7, RWKV7Config
 from rwkvslice.data import DemoTask, build_dataset
 from rwkvslice.train.evaluate import EvalResult, HeldOutEval, batch_ranges, evaluate_loss, metrics_of
 
-pytestmark = pytest.mark.component("Training Loop")
+pytestmark = pytest.mark.component("Held-out Evaluation")
 
 
 @pytest.fixture(scope="module")

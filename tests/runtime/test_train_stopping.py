@@ -16,7 +16,7 @@ from rwkvslice.errors import ConfigError
 from rwkvslice.train.distributed import DistEnv
 from rwkvslice.train.stopping import MAX_TIME, ForcedStop, StopControl, format_duration, parse_duration
 
-pytestmark = pytest.mark.component("Training Loop")
+pytestmark = pytest.mark.component("Clean Stop")
 
 SINGLE = DistEnv(0, 1, 0, torch.device("cpu"))
 
