@@ -179,3 +179,56 @@ def test_init_from_a_pickle_with_objects_is_refused_in_one_line(tmp_path, files,
                                                "Python objects (argparse.Namespace)"), err
     assert "weights_only=False" not in err[0] and "trust" not in err[0]
     assert not (tmp_path / "X").exists()
+
+
+# Under DDP every rank evaluates its share of the batches (i % world_size) and gets the all-reduced total.
+EVAL_WORKER = """
+import json, sys
+from rwkvslice.data import build_dataset
+from rwkvslice.train.distributed import setup_distributed, teardown_distributed
+from rwkvslice.train.evaluate import evaluate_loss
+sys.path.insert(0, sys.argv[3])
+from test_train_eval import make_eval_model
+
+env = setup_distributed("cpu")
+try:
+    ds = build_dataset(sys.argv[2], "byte", 32)
+    res = evaluate_loss(make_eval_model(), ds, batch_size=3, env=env)
+    with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+        json.dump({"loss": res.loss, "tokens": res.tokens, "windows": res.windows, "batches": res.batches}, f)
+finally:
+    teardown_distributed(env)
+"""
+
+
+def make_eval_model():
+    from rwkvslice import RWKV7, RWKV7Config
+
+    torch.manual_seed(0)
+    model = RWKV7(RWKV7Config(vocab_size=256, n_embd=64, n_layer=2, head_size=32))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every layer contributes (the official init zeroes output projections)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.ddp
+def test_ddp_eval_is_sharded_and_every_rank_gets_the_same_number(tmp_path, files):
+    import os
+    import sys
+
+    from test_ddp import WORLD, launch
+
+    from rwkvslice.data import build_dataset
+    from rwkvslice.train.evaluate import evaluate_loss
+
+    _, heldout = files  # 13 windows in batches of 3: 5 batches, 3 on rank 0 and 2 on rank 1
+    here = os.path.dirname(__file__)
+    for rc, err in launch(tmp_path, lambda r: [sys.executable, "-c", EVAL_WORKER, str(tmp_path), str(heldout), here]):
+        assert rc == 0, err[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    single = evaluate_loss(make_eval_model(), build_dataset(heldout, "byte", 32), batch_size=3)
+    assert ranks[0] == ranks[1]  # bit for bit the same on every rank
+    assert ranks[0]["tokens"] == single.tokens and ranks[0]["windows"] == 13 and ranks[0]["batches"] == 5
+    assert ranks[0]["loss"] == pytest.approx(single.loss, rel=1e-12)  # fp64 sums in another order
