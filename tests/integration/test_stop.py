@@ -127,6 +127,27 @@ def test_second_signal_while_saving_abandons_that_save_only(tmp_path, files, ref
     assert_same_weights(weights(out), reference[1])
 
 
+def test_signal_during_a_scheduled_save_stops_after_that_save(tmp_path, files, reference, monkeypatch, capsys):
+    """SIGTERM while step 4's regular checkpoint is written: that checkpoint completes and the run stops
+    there, without running (maybe long) step 5 inside the scheduler's kill window."""
+    out = tmp_path / "run"
+    real_save = ckpt_io.torch.save
+
+    def save(obj, path, *a, **k):
+        if "step-00000004" in str(path) and path.name == "optimizer.pt":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    assert main(argv(files, out)) == 143
+    m = STOP_LINE.match(capsys.readouterr().out.strip())
+    assert m and m.group(2) == "4" and m.group(4) == str(out / "checkpoints" / "step-00000004"), m
+    assert [s for s, _, _ in logged(out)] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    assert main([*argv(files, out), "--resume"]) == 0
+    assert logged(out) == reference[0]
+
+
 def test_max_time_stops_like_a_signal_then_resumes_exactly(tmp_path, files, reference, monkeypatch, capsys):
     """The clock jumps 2 h during step 4 of a run with --max-time 1h30m: it stops after step 4."""
     offset = [0.0]

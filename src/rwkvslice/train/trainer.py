@@ -407,6 +407,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
                                   held_out)
                 if keep_best and held_out is not None and env.is_main:
                     write_best(out, held_out, last_ckpt)
+                # a signal during that save: stop now rather than after another (maybe long) step
+                stopping = stopping or stop.should_stop()
             if stopping:
                 break
         progress.close()
