@@ -305,3 +305,33 @@ def test_ddp_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, files):
     model = RWKV7.from_pretrained(latest_checkpoint(out / "checkpoints"))
     single = evaluate_loss(model, build_dataset(files[1], get_tokenizer("byte"), 32), batch_size=4, max_batches=3)
     assert last["eval_tokens"] == single.tokens and last["eval_loss"] == pytest.approx(single.loss, rel=1e-12)
+
+
+@pytest.mark.slow  # ~30 s: a real torchrun with 2 workers
+@pytest.mark.ddp
+def test_sigterm_to_torchrun_reaches_the_workers_and_they_checkpoint(tmp_path, files):
+    """torchrun forwards SIGTERM to its workers (then SIGKILLs them after 30 s): they finish the step and
+    checkpoint. torchrun itself then exits non-zero with its own SignalException, which is torch's doing."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RWKVSLICE_DIST", "RANK", "WORLD_SIZE"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+           "-m", "rwkvslice.cli", *ddp_argv(files, out)]
+    cmd[cmd.index("--steps") + 1] = "40"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _metric_lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    lines = [ln for ln in stdout.splitlines() if STOP_LINE.match(ln)]
+    assert len(lines) == 1, (stdout, stderr[-3000:])  # rank 0 speaks for both
+    m = STOP_LINE.match(lines[0])
+    assert m.group(2) == str(_metric_lines(out)) and int(m.group(2)) < 40
+    assert m.group(4) == str(latest_checkpoint(out / "checkpoints"))
+    ckpt_io.load_trainer_files(m.group(4))  # complete
