@@ -335,3 +335,10 @@ def test_sigterm_to_torchrun_reaches_the_workers_and_they_checkpoint(tmp_path, f
     assert m.group(2) == str(_metric_lines(out)) and int(m.group(2)) < 40
     assert m.group(4) == str(latest_checkpoint(out / "checkpoints"))
     ckpt_io.load_trainer_files(m.group(4))  # complete
+
+
+def test_a_signal_in_the_last_step_just_ends_the_run(tmp_path, files, reference, monkeypatch, capsys):
+    signal_during(monkeypatch, 8)  # --steps 8
+    assert main(argv(files, tmp_path / "run")) == 0
+    assert capsys.readouterr().out.startswith("done: step 8, loss ")
+    assert logged(tmp_path / "run") == reference[0]

@@ -151,6 +151,13 @@ def test_bad_eval_flags_are_one_line_and_leave_nothing(tmp_path, files, capsys, 
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.parametrize("flag", ["--batches", "--batch-size"])
+def test_bad_eval_batches_is_one_line(tmp_path, files, capsys, flag):
+    assert main(["eval", "--ckpt", str(tmp_path), "--data", str(files[1]), flag, "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rwkvslice: error: {flag} must be >= 1, got 0"]
+
+
 def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path, files):
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     data, heldout = files

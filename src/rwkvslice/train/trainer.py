@@ -400,15 +400,16 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
             progress.update(stats.loss, tokens_per_s, kept_fraction, cfg.lr * lr_factor,
                             evaluated.loss if evaluated is not None else None)
 
-            stopping = stop.should_stop()  # every rank the same answer
+            last = step == cfg.steps  # a signal in the last step: the run simply ends, as planned
+            stopping = not last and stop.should_stop()  # every rank the same answer
             keep_best = cfg.keep_best and new_best
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or keep_best:
+            if last or (cfg.save_every and step % cfg.save_every == 0) or stopping or keep_best:
                 last_ckpt = _save(ckpt_root, step, model, optimizer, schedule, loader, run_info, cfg, env,
                                   held_out)
                 if keep_best and held_out is not None and env.is_main:
                     write_best(out, held_out, last_ckpt)
                 # a signal during that save: stop now rather than after another (maybe long) step
-                stopping = stopping or stop.should_stop()
+                stopping = stopping or (not last and stop.should_stop())
             if stopping:
                 break
         progress.close()
