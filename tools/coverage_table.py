@@ -89,6 +89,8 @@ COMPONENTS: dict[str, list[str]] = {
     ],
     "CLI": ["rwkvslice/cli/*"],
     "PEFT": ["rwkvslice/peft/*"],
+    "Held-out Evaluation": ["rwkvslice/train/evaluate.py", "rwkvslice/cli/eval.py:data_loss"],
+    "Clean Stop": ["rwkvslice/train/stopping.py"],
 }
 # Rows for checks that are about the repository as a whole (ruff, mypy, docs agreement): Static column only.
 PROJECT_ROW = "Project-wide"

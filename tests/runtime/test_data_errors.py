@@ -49,7 +49,10 @@ GOOD = json.dumps({"text": "fine"})
         ('{"messages": [{"role": "user"}]}', 'messages[0]: record is missing the field "content"'),
         ('{"messages": [{"role": "bot", "content": "x"}]}', "role must be one of system, user, assistant"),
         ('{"messages": [{"role": "user", "content": 1}]}', 'field "content" must be a string'),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # Python's decoder: RecursionError
+        ('{"text": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001, "nested too deeply"),
     ],
+    ids=lambda v: v[:40] if isinstance(v, str) else v,
 )
 def test_bad_jsonl_line_names_file_and_line(tmp_path, bad_line, expected):
     path = lines_file(tmp_path, "broken.jsonl", GOOD, "", bad_line, GOOD)  # line 2 is blank: allowed

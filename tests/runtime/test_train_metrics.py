@@ -49,3 +49,21 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     note = plot_loss(path, tmp_path / "loss.png")
     assert note == "matplotlib is not installed; skipped loss.png (pip install 'rwkvslice[plot]')"
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_plot_draws_the_held_out_loss_beside_the_training_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.75},
+        {"step": 3, "loss": 2.0}, {"step": 4, "loss": 1.5, "eval_loss": 1.75}, {"step": 5, "eval_loss": None}]))
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real(fig, *a, **k))[1])
+    assert plot_loss(path, tmp_path / "loss.png") == f"wrote {tmp_path / 'loss.png'}"
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in drawn[0].axes[0].get_lines()}
+    assert lines == {"train": ([1, 2, 3, 4], [3.0, 2.5, 2.0, 1.5]),
+                     "held-out (--eval-data)": ([2, 4], [2.75, 1.75])}
+    assert (tmp_path / "loss.png").stat().st_size > 0

@@ -452,7 +452,7 @@ def test_resume_restores_exactly_what_checkpoints_save():
     restored = {
         call_name(c).rsplit(".", 1)[0] for c in calls(tree) if call_name(c).endswith(".load_state_dict")
     }
-    for obj in ("optimizer", "schedule", "loader"):
+    for obj in ("optimizer", "schedule", "loader", "held_out"):  # held_out: --eval-data best-so-far
         assert obj in restored, f"{rel(trainer)}: resume never calls {obj}.load_state_dict"
     assert any(call_name(c).endswith("restore_rng_state") for c in calls(tree)), (
         "resume must restore the RNGs"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from rwkvslice.errors import ConfigError
@@ -20,7 +19,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="demo task seed (default: the training --seed)")
     p.add_argument("--data", metavar="PATH", help="evaluate the loss on this .txt/.jsonl/binidx instead")
     p.add_argument("--ctx-len", type=int, default=None, help="--data: window length (default: training's)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--data: windows per forward pass (default: the training --batch-size, else 16)")
+    p.add_argument("--batches", type=int, default=None, metavar="K",
+                   help="--data: score only the first K batches (default: all; for the training run's own "
+                        "--eval-data, its --eval-batches)")
     p.add_argument("--out", metavar="FILE", help="also write the result JSON here")
     p.add_argument("--tokenizer", choices=("byte", "world"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -33,15 +36,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--batches", args.batches)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.out and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
     model, tok, weights, run_info = load_model(args.ckpt, device=args.device, tokenizer=args.tokenizer)
     train_args = run_info.get("args", {})
     if args.data:
+        # defaults follow the run that wrote the checkpoint, so this reproduces its eval_loss exactly
         ctx_len = args.ctx_len or train_args.get("ctx_len") or 256
-        result = data_loss(model, tok, args.data, ctx_len, args.batch_size)
+        batch_size = args.batch_size or train_args.get("batch_size") or 16
+        batches = args.batches
+        if batches is None and train_args.get("eval_data") and _same_file(train_args["eval_data"], args.data):
+            batches = train_args.get("eval_batches")
+        result = data_loss(model, tok, args.data, ctx_len, batch_size, batches)
     else:
         from rwkvslice.data import DemoTask
         from rwkvslice.train.demo import evaluate_task
@@ -56,25 +65,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_loss(model, tokenizer, path: str, ctx_len: int, batch_size: int) -> dict:
-    """Mean CE over every kept target of every window of `path` (sliced; no full logits)."""
-    import torch
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:  # pragma: no cover - resolve() rarely fails
+        return a == b
 
+
+def data_loss(model, tokenizer, path: str, ctx_len: int, batch_size: int, max_batches: int | None = None) -> dict:
+    """Mean CE over every kept target of the first `max_batches` batches of `path` (sliced; no full logits):
+    the same function as the trainer's --eval-data (rwkvslice.train.evaluate)."""
     from rwkvslice.data import build_dataset
-    from rwkvslice.data.loader import collate
+    from rwkvslice.train.evaluate import evaluate_loss
 
     dataset = build_dataset(path, tokenizer, ctx_len)
-    device = next(model.parameters()).device
-    total, kept = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            idx, targets = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            n = int((targets != -100).sum())
-            if n == 0:  # pragma: no cover - build_dataset keeps only windows with a target
-                continue
-            loss = model.loss(idx.to(device), targets.to(device))
-            total += float(loss) * n
-            kept += n
-    mean = total / kept if kept else float("nan")
-    return {"loss": mean, "perplexity": math.exp(mean) if kept else None, "kept_tokens": kept,
-            "windows": len(dataset)}
+    ev = evaluate_loss(model, dataset, batch_size=batch_size, max_batches=max_batches)
+    return {"loss": ev.loss, "perplexity": ev.ppl, "kept_tokens": ev.tokens, "windows": ev.windows,
+            "batches": ev.batches, "batch_size": batch_size}

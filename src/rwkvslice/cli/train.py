@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -139,10 +140,34 @@ def add_parser(subparsers) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     r.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard scalars to DIR")
+
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-data", metavar="PATH",
+                   help="held-out .txt/.jsonl/binidx: its mean CE over kept tokens (eval_loss) is logged")
+    e.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate every N steps and at the end (default: --save-every, else steps/10)")
+    e.add_argument("--eval-batches", type=int, default=None, metavar="K",
+                   help="score only the first K batches of --batch-size windows (default: all)")
+    e.add_argument("--keep-best", action="store_true",
+                   help="also keep the checkpoint with the lowest eval_loss, never rotated away (OUT/best.json)")
+
+    s = p.add_argument_group("stopping")
+    s.add_argument("--max-time", type=_duration, default=None, metavar="TIME",
+                   help="after this wall time (2h30m, 90m, 45s or seconds) checkpoint and stop, as on SIGTERM")
     r.add_argument(
         "--eval-samples", type=int, default=None, metavar="N", help="--demo: held-out examples (default 200)"
     )
     p.set_defaults(run=run)
+
+
+def _duration(text: str) -> float:
+    from rwkvslice.train.stopping import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:  # argparse prints it as one usage-error line, exit status 2
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--max-time: ")) from None
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -200,6 +225,12 @@ def _config_from_args(args: argparse.Namespace):
         grad_checkpoint=args.grad_checkpoint,
         grad_checkpoint_len=args.grad_checkpoint_len,
         **tune_values,
+        eval_data=args.eval_data,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        keep_best=args.keep_best,
+        max_time=args.max_time,
+        tensorboard=args.tensorboard,
         **values,
     )
 
@@ -218,6 +249,7 @@ def _tune_values(args: argparse.Namespace, base) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rwkvslice.train.stopping import ForcedStop
     from rwkvslice.train.trainer import NonFiniteError, train
 
     cfg = _config_from_args(args)
@@ -228,6 +260,13 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"rwkvslice: error: {exc}", file=sys.stderr)
         return 1
+    except ForcedStop as exc:
+        return _forced_stop(exc, cfg.out)
+    if result.stopped:
+        if result.is_main:
+            print(f"{result.stopped} after step {result.step} of {cfg.steps}: checkpoint {result.checkpoint}; "
+                  "resume with the same command and --resume", flush=True)
+        return result.exit_code
     if result.is_main:
         print(f"done: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
     return 0
@@ -239,6 +278,7 @@ def _run_demo(cfg, args) -> int:
     from rwkvslice.data import DemoTask
     from rwkvslice.train import demo
     from rwkvslice.train.distributed import barrier, setup_distributed, teardown_distributed
+    from rwkvslice.train.stopping import ForcedStop
     from rwkvslice.train.trainer import NonFiniteError, train, validate
 
     if args.eval_samples is not None and args.eval_samples < 1:
@@ -265,6 +305,13 @@ def _run_demo(cfg, args) -> int:
         except NonFiniteError as exc:
             print(f"rwkvslice: error: {exc}", file=sys.stderr)
             return 1
+        except ForcedStop as exc:
+            return _forced_stop(exc, cfg.out)
+        if result.stopped:
+            if env.is_main:
+                print(f"{result.stopped} after step {result.step} of {cfg.steps}: checkpoint "
+                      f"{result.checkpoint}; resume with the same command and --resume", flush=True)
+            return result.exit_code
         if not env.is_main:
             return 0
         kept_fraction = _dataset_kept_fraction(Path(cfg.out))
@@ -305,3 +352,14 @@ def _dataset_kept_fraction(out: Path) -> float:
         tokens += rec.get("tokens", 0)
         kept += rec.get("kept_tokens", 0)
     return kept / tokens if tokens else 0.0
+
+
+def _forced_stop(exc, out: str) -> int:
+    """A second signal while stopping: nothing new was saved; name the newest complete checkpoint."""
+    from rwkvslice.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(Path(out) / "checkpoints")
+    where = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; rank 0 says it
+        print(f"rwkvslice: {exc}: stopped at once without saving; {where}", file=sys.stderr, flush=True)
+    return 128 + exc.signum

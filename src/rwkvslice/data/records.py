@@ -27,6 +27,7 @@ Other fields in a record are ignored. A record holding two kinds (e.g. "text" an
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,9 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_no}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:  # Python's decoder recurses once per nesting level
+            raise DataError(f"{path}:{line_no}: JSON nested too deeply to read (over ~"
+                            f"{sys.getrecursionlimit()} levels of arrays/objects)") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
         yield line_no, record

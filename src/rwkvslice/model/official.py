@@ -29,17 +29,25 @@ _IGNORED_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 _PREFIXES = ("_forward_module.", "module.")  # DeepSpeed / DDP wrappers
 
 
+def torch_load_weights_only(path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`; a pickle that holds more than tensors and plain containers is
+    a one-line CheckpointError naming the file and the objects, not torch's advice on how to load it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+        which = f" ({', '.join(names)})" if names else ""
+        raise CheckpointError(
+            f"{path}: refusing to load: it holds arbitrary Python objects{which}, not only tensors, and "
+            "unpickling them could run any code; rwkvslice reads torch files with weights_only=True"
+        ) from None
+
+
 def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: refusing to load: the file holds Python objects other than tensors "
-            f"(loaded with weights_only=True): {first}"
-        ) from None
+        obj = torch_load_weights_only(path)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a torch file): {first}") from None

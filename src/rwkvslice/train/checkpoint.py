@@ -111,10 +111,12 @@ def save_checkpoint(
     trainer_state: dict,
     run_info: dict,
     keep: int = 3,
+    protect: tuple[str, ...] = (),
 ) -> Path:
     """Write OUT/checkpoints/step-XXXXXXXX atomically, then delete all but the newest `keep`.
 
-    `model` is the unwrapped model (not the DDP wrapper). Returns the final directory.
+    `model` is the unwrapped model (not the DDP wrapper); `protect` names checkpoint directories that
+    are never rotated away (the --keep-best one). Returns the final directory.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rotate_checkpoints(root, keep)
+    rotate_checkpoints(root, keep, protect)
     return final
 
 
@@ -166,11 +168,12 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def rotate_checkpoints(root: str | os.PathLike, keep: int) -> None:
+def rotate_checkpoints(root: str | os.PathLike, keep: int, protect: tuple[str, ...] = ()) -> None:
     if keep < 1:
         return
     for _, path in list_checkpoints(root)[:-keep]:
-        _trash(path)
+        if path.name not in protect:
+            _trash(path)
 
 
 def clean_stale(root: str | os.PathLike) -> None:
@@ -189,10 +192,14 @@ def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dic
     for f in files:
         if not (ckpt / f).is_file():
             raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
+    from rwkvslice.model.official import torch_load_weights_only
+
     try:
-        optim_state = torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True)
-        trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        optim_state = torch_load_weights_only(ckpt / "optimizer.pt", map_location=map_location)
+        trainer_state = torch_load_weights_only(ckpt / "trainer_state.pt", map_location="cpu")
         run_info = json.loads((ckpt / "run.json").read_text())
+    except CheckpointError:  # a refused pickle: the message names the file already
+        raise
     except Exception as exc:  # torch/pickle/json raise many types for a corrupt file
         raise CheckpointError(f"{ckpt}: cannot read checkpoint: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     return optim_state, trainer_state, run_info

@@ -63,12 +63,17 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed; skipped loss.png (pip install 'rwkvslice[plot]')"
-    records = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float))
-               and math.isfinite(r["loss"])]
+    all_records = read_metrics(metrics_path)
+    records = [r for r in all_records if _finite(r.get("loss"))]
     if not records:
         return "no finite losses to plot; skipped loss.png"
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train")
+    held_out = [r for r in all_records if _finite(r.get("eval_loss"))]  # --eval-data
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", ms=3, lw=1,
+                label="held-out (--eval-data)")
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean CE over kept tokens)")
     ax.set_yscale("log")
@@ -77,3 +82,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> str:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return f"wrote {png_path}"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -34,10 +34,12 @@ from rwkvslice.train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from rwkvslice.train.evaluate import HeldOutEval, metrics_of, write_best
 from rwkvslice.train.metrics import MetricsLog, plot_loss
 from rwkvslice.train.optim import DEFAULT_BETAS, DEFAULT_EPS, WarmupCosine, build_optimizer
 from rwkvslice.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from rwkvslice.train.step import LossModule, check_precision, train_step
+from rwkvslice.train.stopping import StopControl
 
 
 class NonFiniteError(RWKVSliceError):
@@ -83,6 +85,12 @@ class TrainConfig:
     lora_targets: str = ",".join(DEFAULT_TARGETS)
     lora_init: str = "lora"
     train_also: str = ""
+    eval_data: str | None = None  # held-out loss on this file (train/evaluate.py) ...
+    eval_every: int | None = None  # ... every N steps and at the end (default: --save-every, else steps/10)
+    eval_batches: int | None = None  # ... over its first K batches of batch_size windows (default all)
+    keep_best: bool = False  # also keep the checkpoint of the lowest eval_loss (OUT/best.json)
+    max_time: float | None = None  # seconds; then checkpoint and stop (train/stopping.py)
+    tensorboard: str | None = None  # also write the metrics here (train/tensorboard.py)
 
     def tune_spec(self) -> TuneSpec:
         return TuneSpec(kind=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
@@ -95,10 +103,16 @@ class TrainConfig:
     def resolved_warmup(self) -> int:
         return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
+    def resolved_eval_every(self) -> int:
+        if self.eval_every is not None:
+            return self.eval_every
+        return self.save_every or max(1, self.steps // 10)
+
 
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
-                     "progress", "grad_checkpoint", "grad_checkpoint_len"}  # memory settings; segments change
+                     "progress", "grad_checkpoint", "grad_checkpoint_len",  # memory settings; segments change
+                     "max_time", "tensorboard"}
 # gradients at rounding level only (a resume that keeps them stays bit-exact)
 
 
@@ -112,6 +126,8 @@ class TrainResult:
     tokenizer: object
     losses: list[float] = field(default_factory=list)
     is_main: bool = True  # rank 0 (or a single process)
+    stopped: str | None = None  # why the run stopped before --steps ("stopped by SIGTERM", ...), else None
+    exit_code: int = 0  # 128 + signal number after a signal, else 0
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -142,6 +158,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data is None:
         raise ConfigError("no training data: pass --data PATH (or --demo)")
     cfg.tune_spec().validate()
+    for name in ("eval_every", "eval_batches"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_data is None and (cfg.keep_best or cfg.eval_every is not None or cfg.eval_batches is not None):
+        raise ConfigError("--keep-best, --eval-every and --eval-batches need --eval-data PATH")
+    if cfg.max_time is not None and not cfg.max_time > 0:
+        raise ConfigError(f"--max-time must be a positive duration, got {cfg.max_time}")
+    if cfg.tensorboard is not None:
+        from rwkvslice.train.tensorboard import check_available
+
+        check_available()
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -215,10 +242,13 @@ class _Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, loss: float, tokens_per_s: float, kept_fraction: float, lr: float) -> None:
+    def update(self, loss: float, tokens_per_s: float, kept_fraction: float, lr: float,
+               eval_loss: float | None = None) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | kept {kept_fraction:.0%} "
-                                     f"| lr {lr:.2e}", refresh=False)
+            self.eval_loss = eval_loss if eval_loss is not None else getattr(self, "eval_loss", None)
+            held_out = f" | eval {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+            self.bar.set_postfix_str(f"loss {loss:.4f}{held_out} | {tokens_per_s:,.0f} tok/s | kept "
+                                     f"{kept_fraction:.0%} | lr {lr:.2e}", refresh=False)
             self.bar.update(1)
 
     def write(self, msg: str) -> None:
@@ -242,16 +272,17 @@ def train(cfg: TrainConfig, *, after_step: StepHook | None = None, log: Callable
     `after_step(step, model)` is called after every optimizer step (tests use it to inject faults).
     """
     validate(cfg)
+    started = time.monotonic()  # --max-time counts from here
     own_env = env is None
     env = env or setup_distributed(cfg.device)
     try:
-        return _train(cfg, env, after_step, log or (lambda m: print(m, file=sys.stderr)))
+        return _train(cfg, env, after_step, log or (lambda m: print(m, file=sys.stderr)), started)
     finally:
         if own_env:
             teardown_distributed(env)
 
 
-def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
+def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> TrainResult:
     from rwkvslice.data import ResumableLoader, build_dataset, get_tokenizer
 
     out = Path(cfg.out)
@@ -271,6 +302,11 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     if len(dataset) < cfg.batch_size * env.world_size:
         raise ConfigError(f"--data {cfg.data}: {len(dataset)} training windows, fewer than one batch "
                           f"({cfg.batch_size} x {env.world_size} process(es)); lower --batch-size")
+    held_out = None
+    if cfg.eval_data is not None:
+        held_out = HeldOutEval(build_dataset(cfg.eval_data, tokenizer, cfg.ctx_len),
+                               every=cfg.resolved_eval_every(), batch_size=cfg.batch_size,
+                               max_batches=cfg.eval_batches, last_step=cfg.steps)
     seed_everything(cfg.seed)
     if latest is not None:
         optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
@@ -313,6 +349,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
         loader.load_state_dict(trainer_state["loader"])
         rngs = trainer_state["rng"]
         restore_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+        if held_out is not None:
+            held_out.load_state_dict(trainer_state["eval"] if "eval" in trainer_state else {})  # older: none
         if env.is_main:
             log(f"resuming from {latest} (step {start_step})")
 
@@ -329,8 +367,15 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     metrics = MetricsLog(out / "metrics.jsonl") if env.is_main else None
     if metrics is not None:
         metrics.start(keep_up_to=start_step)
+        if cfg.keep_best and held_out is not None and held_out.best_step is not None:  # as of the checkpoint
+            write_best(out, held_out, ckpt_root / ckpt_io.step_dir_name(held_out.best_step))
         if start_step == 0 and cfg.resume:
             log(f"--resume: no checkpoint in {ckpt_root} yet; starting from step 0")
+    tb = None
+    if cfg.tensorboard is not None and env.is_main:
+        from rwkvslice.train.tensorboard import TensorBoardLog
+
+        tb = TensorBoardLog(cfg.tensorboard, first_step=start_step + 1)
 
     run_info = {"tokenizer": tokenizer.name, "args": _args_dict(cfg), "world_size": env.world_size,
                 "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -340,6 +385,7 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     last_ckpt: Path | None = Path(latest) if latest else None
     last_loss = float("nan")
     data_iter = iter(loader)
+    stop = StopControl(env, cfg.max_time, start=started).install()  # SIGTERM/SIGINT: stop after the step
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -358,6 +404,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
             losses.append(stats.loss)
             tokens_per_s = stats.tokens / elapsed if elapsed > 0 else float("nan")
             kept_fraction = stats.kept_tokens / max(stats.tokens, 1)
+            evaluated, new_best = (None, False)
+            if held_out is not None and held_out.due(step):
+                evaluated, new_best = held_out.run(step, model, env)
             if metrics is not None:
                 record: dict = {
                     "step": step, "loss": stats.loss if math.isfinite(stats.loss) else None,
@@ -369,28 +418,52 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
                 if stats.nonfinite:
                     record["skipped"] = stats.nonfinite
                     progress.write(f"step {step}: skipped (non-finite {stats.nonfinite})")
+                if evaluated is not None:
+                    record.update(metrics_of(evaluated))
                 metrics.write(record)
-            progress.update(stats.loss, tokens_per_s, kept_fraction, cfg.lr * lr_factor)
+                if tb is not None:
+                    tb.write(record)
+            progress.update(stats.loss, tokens_per_s, kept_fraction, cfg.lr * lr_factor,
+                            evaluated.loss if evaluated is not None else None)
 
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                last_ckpt = _save(ckpt_root, step, model, optimizer, schedule, loader, run_info, cfg, env)
+            last = step == cfg.steps  # a signal in the last step: the run simply ends, as planned
+            stopping = not last and stop.should_stop()  # every rank the same answer
+            keep_best = cfg.keep_best and new_best
+            if last or (cfg.save_every and step % cfg.save_every == 0) or stopping or keep_best:
+                last_ckpt = _save(ckpt_root, step, model, optimizer, schedule, loader, run_info, cfg, env,
+                                  held_out)
+                if keep_best and held_out is not None and env.is_main:
+                    write_best(out, held_out, last_ckpt)
+                # a signal during that save: stop now rather than after another (maybe long) step
+                stopping = stopping or (not last and stop.should_stop())
+            if stopping:
+                break
+        progress.close()
+        if env.is_main:
+            log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
     finally:
+        stop.restore()  # after the plot: a second signal until here still means ForcedStop, not a raw kill
+        if tb is not None:
+            tb.close()
         progress.close()
         if metrics is not None:
             metrics.close()
 
-    if env.is_main:
-        log(plot_loss(out / "metrics.jsonl", out / "loss.png"))
-    return TrainResult(out=out, step=cfg.steps, last_loss=last_loss, checkpoint=last_ckpt, model=model,
-                       tokenizer=tokenizer, losses=losses, is_main=env.is_main)
+    stopped = stop.reason is not None
+    return TrainResult(out=out, step=step if stopped else cfg.steps, last_loss=last_loss, checkpoint=last_ckpt,
+                       model=model, tokenizer=tokenizer, losses=losses, is_main=env.is_main,
+                       stopped=stop.describe() if stopped else None, exit_code=stop.exit_code)
 
 
-def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env) -> Path:
+def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env, held_out=None) -> Path:
     rngs = all_gather_objects(capture_rng_state(), env)  # collective: every rank takes part
     path = Path(root) / ckpt_io.step_dir_name(step)
     if env.is_main:
-        trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs}
+        trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs,
+                         "eval": held_out.state_dict() if held_out is not None else {}}
+        best = held_out.best_step if held_out is not None and cfg.keep_best else None
         path = ckpt_io.save_checkpoint(root, step, model=model, optimizer=optimizer,
-                                       trainer_state=trainer_state, run_info=run_info, keep=cfg.keep)
+                                       trainer_state=trainer_state, run_info=run_info, keep=cfg.keep,
+                                       protect=() if best is None else (ckpt_io.step_dir_name(best),))
     barrier(env)
     return path
