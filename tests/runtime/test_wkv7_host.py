@@ -405,8 +405,9 @@ def test_every_barrier_of_the_drivers_is_needed_by_the_cpu_tests(tmp_path, monke
     for m in boundaries:
         line = core.count("\n", 0, m.start()) + 1
         variants[f"merged_at_line_{line}"] = core[: m.start()] + core[m.end() :]
-    with ThreadPoolExecutor(2) as pool:
-        libs = dict(zip(variants, pool.map(lambda kv: _build_variant(tmp_path, *kv), variants.items())))
+    # one at a time: each build points the module-global build.SOURCE_DIR at its variant (built from threads,
+    # two patches interleave and the restore can leave SOURCE_DIR at a deleted variant for later tests)
+    libs = {name: _build_variant(tmp_path, name, text) for name, text in variants.items()}
 
     B, T = 3, 40
     inputs, upstream = make_inputs(B, T, 1, 8, seed=12)
