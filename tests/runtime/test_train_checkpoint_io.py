@@ -59,7 +59,7 @@ def test_plain_module_checkpoint_holds_its_weights(tmp_path, plain):
     weights = load_file(str(path / "model.safetensors"))
     assert weights.keys() == {"weight", "bias"}
     assert torch.equal(weights["weight"], model.weight.detach())
-    assert json.loads((path / "config.json").read_text()) == {}
+    assert json.loads((path / "rwkvslice_config.json").read_text()) == {}
 
 
 def test_resaving_a_step_replaces_it_whole(tmp_path, plain):

@@ -1,7 +1,8 @@
 """Atomic training checkpoints: a checkpoint directory appears complete or not at all.
 
 Layout of OUT/checkpoints/step-00000120/:
-    model.safetensors, config.json   weights and model config (`RWKV7.save_pretrained` format)
+    model.safetensors, rwkvslice_config.json   weights and model config (`RWKV7.save_pretrained` format;
+                                     rwkvslice <= 0.1 wrote config.json, still read)
     optimizer.pt                     optimizer.state_dict()
     trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
     run.json                         human-readable: step, tokenizer, training arguments
@@ -28,8 +29,17 @@ import torch
 from rwkvslice.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt", "run.json")
-WEIGHT_FILES = ("model.safetensors", "config.json")
+REQUIRED_FILES = ("model.safetensors", "rwkvslice_config.json", "optimizer.pt", "trainer_state.pt", "run.json")
+WEIGHT_FILES = ("model.safetensors", "rwkvslice_config.json")
+OLD_CONFIG_FILE = "config.json"  # the model config of rwkvslice <= 0.1 checkpoints (and of HF directories)
+
+
+def _first_missing(path: Path, files) -> str | None:
+    """The first of `files` not in `path`; an older checkpoint's config.json stands in for ours."""
+    for f in files:
+        if not (path / f).is_file() and not (f == "rwkvslice_config.json" and (path / OLD_CONFIG_FILE).is_file()):
+            return f
+    return None
 
 
 def fsync_path(path: Path) -> None:
@@ -86,7 +96,7 @@ def _write_weights(model, directory: Path) -> None:
 
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                   str(directory / "model.safetensors"))
-        (directory / "config.json").write_text("{}\n")
+        (directory / "rwkvslice_config.json").write_text("{}\n")
 
 
 def save_checkpoint(
@@ -143,7 +153,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES):
+        if m and p.is_dir() and _first_missing(p, REQUIRED_FILES) is None:
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -172,9 +182,9 @@ def clean_stale(root: str | os.PathLike) -> None:
 def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
     """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
     ckpt = Path(ckpt)
-    for f in REQUIRED_FILES:
-        if not (ckpt / f).is_file():
-            raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
+    missing = _first_missing(ckpt, REQUIRED_FILES)
+    if missing:
+        raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {missing})")
     try:
         optim_state = torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True)
         trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -189,12 +199,12 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if all((path / f).is_file() for f in WEIGHT_FILES):
+    if _first_missing(path, WEIGHT_FILES) is None:  # ours, an older rwkvslice's, or an HF directory
         return path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest
-    raise CheckpointError(f"{path}: no model.safetensors + config.json here and no checkpoints/step-* inside")
+    raise CheckpointError(f"{path}: no model.safetensors + rwkvslice_config.json (or config.json) here and no checkpoints/step-* inside")
 
 
 def read_run_info(weights_dir: str | os.PathLike) -> dict:
