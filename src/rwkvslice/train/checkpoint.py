@@ -204,7 +204,8 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest
-    raise CheckpointError(f"{path}: no model.safetensors + rwkvslice_config.json (or config.json) here and no checkpoints/step-* inside")
+    raise CheckpointError(f"{path}: no model.safetensors + rwkvslice_config.json (or config.json) here and "
+                          "no checkpoints/step-* inside")
 
 
 def read_run_info(weights_dir: str | os.PathLike) -> dict:
