@@ -276,7 +276,8 @@ def test_missing_files(model, tmp_path):
 
 def test_native_directory_is_not_an_hf_config(model, tmp_path):
     model.save_pretrained(tmp_path / "native")
-    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == ["model.safetensors", "rwkvslice_config.json"]
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [
+        "rwkvslice_config.json", "rwkvslice_model.safetensors"]
     meta = json.loads((tmp_path / "native" / "rwkvslice_config.json").read_text())
     assert meta["model_type"] == "rwkvslice"
     assert not hf.is_hf_dir(tmp_path / "native")
@@ -296,7 +297,22 @@ def test_directory_of_an_older_rwkvslice_still_loads(model, tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
     assert hf.load_base(d, RWKV7).config == model.config
     again.save_pretrained(d)  # re-saving replaces the old config file: nothing left that HF would misread
-    assert sorted(p.name for p in d.iterdir()) == ["model.safetensors", "rwkvslice_config.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["rwkvslice_config.json", "rwkvslice_model.safetensors"]
+
+
+def test_checkpoint_of_an_older_rwkvslice_still_resumes(model, tmp_path):
+    """A training checkpoint with the old weight/config names is still listed, resumable and loadable."""
+    from rwkvslice.train import checkpoint as ck
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = ck.save_checkpoint(tmp_path, 4, model=model, optimizer=opt, trainer_state={}, run_info={})
+    (path / "rwkvslice_model.safetensors").rename(path / "model.safetensors")
+    (path / "rwkvslice_config.json").unlink()
+    (path / "config.json").write_text(json.dumps({"model_type": "rwkv7", **model.config.to_dict()}))
+    assert ck.latest_checkpoint(tmp_path) == path
+    assert ck.load_trainer_files(path)[1]["step"] == 4
+    assert ck.resolve_weights_dir(tmp_path.parent / tmp_path.name / path.name) == path
+    assert RWKV7.from_pretrained(path).config == model.config
 
 
 def test_load_base_tells_the_formats_apart(model, tmp_path):

@@ -1,8 +1,8 @@
 """Atomic training checkpoints: a checkpoint directory appears complete or not at all.
 
 Layout of OUT/checkpoints/step-00000120/:
-    model.safetensors, rwkvslice_config.json   weights and model config (`RWKV7.save_pretrained` format;
-                                     rwkvslice <= 0.1 wrote config.json, still read)
+    rwkvslice_model.safetensors, rwkvslice_config.json   weights and model config (`RWKV7.save_pretrained`;
+                                     rwkvslice <= 0.1 wrote model.safetensors + config.json, still read)
     optimizer.pt                     optimizer.state_dict()
     trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
     run.json                         human-readable: step, tokenizer, training arguments
@@ -29,15 +29,17 @@ import torch
 from rwkvslice.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED_FILES = ("model.safetensors", "rwkvslice_config.json", "optimizer.pt", "trainer_state.pt", "run.json")
-WEIGHT_FILES = ("model.safetensors", "rwkvslice_config.json")
-OLD_CONFIG_FILE = "config.json"  # the model config of rwkvslice <= 0.1 checkpoints (and of HF directories)
+WEIGHTS_FILE = "rwkvslice_model.safetensors"
+WEIGHT_FILES = (WEIGHTS_FILE, "rwkvslice_config.json")
+REQUIRED_FILES = (*WEIGHT_FILES, "optimizer.pt", "trainer_state.pt", "run.json")
+# the names of rwkvslice <= 0.1 checkpoints (HF directories use them too), read as well
+OLD_NAMES = {WEIGHTS_FILE: "model.safetensors", "rwkvslice_config.json": "config.json"}
 
 
 def _first_missing(path: Path, files) -> str | None:
-    """The first of `files` not in `path`; an older checkpoint's config.json stands in for ours."""
+    """The first of `files` not in `path`, where an older checkpoint's name stands in for ours."""
     for f in files:
-        if not (path / f).is_file() and not (f == "rwkvslice_config.json" and (path / OLD_CONFIG_FILE).is_file()):
+        if not (path / f).is_file() and not (f in OLD_NAMES and (path / OLD_NAMES[f]).is_file()):
             return f
     return None
 
@@ -95,7 +97,7 @@ def _write_weights(model, directory: Path) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(directory / "model.safetensors"))
+                  str(directory / WEIGHTS_FILE))
         (directory / "rwkvslice_config.json").write_text("{}\n")
 
 
@@ -204,8 +206,8 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest
-    raise CheckpointError(f"{path}: no model.safetensors + rwkvslice_config.json (or config.json) here and "
-                          "no checkpoints/step-* inside")
+    raise CheckpointError(f"{path}: no model here ({WEIGHTS_FILE} + rwkvslice_config.json, or model.safetensors "
+                          "+ config.json) and no checkpoints/step-* inside")
 
 
 def read_run_info(weights_dir: str | os.PathLike) -> dict:
