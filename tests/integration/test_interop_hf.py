@@ -28,7 +28,7 @@ from test_interop_official import official_state_dict, rms_rel
 
 from rwkvslice import RWKV7
 
-pytestmark = [pytest.mark.interop, pytest.mark.component("HF Interop")]
+pytestmark = [pytest.mark.interop, pytest.mark.hf, pytest.mark.component("HF Interop")]
 
 TOL = 1e-5
 

@@ -64,6 +64,7 @@ AUTO_MAP = {
 }
 # The token ids rwkv7-hf's configs and tokenizer use: 0 (RWKV's document separator) is eos and pad.
 PAD_ID, EOS_ID, BOS_ID = 0, 0, 1
+WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"  # the name rwkv7-hf's tokenizer looks for
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # ------------------------------------------------------------------------------------------------
@@ -316,6 +317,19 @@ def check_exportable(config: RWKV7Config, what: str) -> None:
             f"eps, while RWKV-7 uses 64e-5 and 1e-5; only head_size 64 converts exactly")
 
 
+def _world_vocab() -> tuple[str, str]:
+    """(file name, text) of the World vocabulary rwkv7-hf's tokenizer reads: the file the `rwkv` package
+    ships (the same one data/tokenizers.py reads; the model layer does not import data/)."""
+    from importlib import resources
+
+    try:
+        data = resources.files("rwkv").joinpath(WORLD_VOCAB_FILE).read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise ConfigError(f"the World tokenizer files need the `rwkv` package (it ships {WORLD_VOCAB_FILE}): "
+                          "pip install 'rwkvslice[world]'") from None
+    return WORLD_VOCAB_FILE, data.replace(b"\r\n", b"\n").decode("utf-8")  # the wheel has CRLF line ends
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -341,9 +355,7 @@ def save_hf(model, directory, dtype: torch.dtype = torch.float32, tokenizer: str
         raise ConfigError(f"{directory}: directory {directory.parent} does not exist")
     vocab = None
     if tokenizer == "world":
-        from rwkvslice.data.tokenizers import WORLD_VOCAB_FILE, _read_world_vocab
-
-        vocab = (WORLD_VOCAB_FILE, _read_world_vocab())  # sha256-checked, LF line ends
+        vocab = _world_vocab()
     elif tokenizer not in (None, "byte"):
         raise ConfigError(f"{directory}: unknown tokenizer {tokenizer!r}")
 
