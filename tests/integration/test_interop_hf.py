@@ -138,6 +138,12 @@ def test_world_tokenizer_and_auto_classes(rwkv7_hf, tmp_path):
     torch.save(official_state_dict(65536, 64, 2, 64, (32, 32, 32, 64), layer0_v=False, seed=5), tmp_path / "o.pth")
     ours = RWKV7.from_official(tmp_path / "o.pth")
     ours.save_hf(tmp_path / "world", tokenizer="world")
+    import hashlib
+
+    from rwkvslice.data.tokenizers import WORLD_VOCAB_SHA256
+
+    vocab = (tmp_path / "world" / "rwkv_vocab_v20230424.txt").read_bytes()
+    assert hashlib.sha256(vocab).hexdigest() == WORLD_VOCAB_SHA256  # the published World vocab, LF line ends
     assert AutoConfig.from_pretrained(tmp_path / "world", trust_remote_code=True).hidden_size == 64
     tok = AutoTokenizer.from_pretrained(tmp_path / "world", trust_remote_code=True)
     world = get_tokenizer("world")
