@@ -337,3 +337,21 @@ def test_load_base_tells_the_formats_apart(model, tmp_path):
 def test_export_refuses_weights_outside_the_layout():
     with pytest.raises(ConfigError, match="'blocks.0.att.receptance.lora_A' is not a weight"):
         hf.to_hf_state_dict({"blocks.0.att.receptance.lora_A": torch.zeros(2, 2)})
+
+
+def test_export_hf_command(tmp_path, capsys):
+    """`rwkvslice export --hf` in-process (the subprocess runs are in tests/integration/test_interop_hf.py)."""
+    from rwkvslice.cli import main
+
+    model = randomized(RWKV7(RWKV7Config(vocab_size=320, n_embd=64, n_layer=2, head_size=64)))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "out"), "--tokenizer", "byte",
+                 "--dtype", "bf16"]) == 0
+    again = RWKV7.from_hf(tmp_path / "out")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v.to(torch.bfloat16).float()), k
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()  # byte vocab: no HF tokenizer
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "out"), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rwkvslice: error: --hf {tmp_path / 'out'}: already exists and is not an empty directory"]
