@@ -355,3 +355,10 @@ def test_export_hf_command(tmp_path, capsys):
     assert main(["export", "--ckpt", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "out"), "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rwkvslice: error: --hf {tmp_path / 'out'}: already exists and is not an empty directory"]
+
+
+@pytest.mark.parametrize("keep, drop", [("head_dim", "num_heads"), ("num_heads", "head_dim")])
+def test_either_head_field_alone_is_enough(model, keep, drop):
+    d = hf.hf_config_dict(model.config)
+    del d[drop]
+    assert hf.config_from_hf(d, hf.Path("config.json")) == model.config

@@ -209,16 +209,14 @@ def config_from_hf(d: dict, where: Path) -> RWKV7Config:
              for k in ("decay_low_rank_dim", "a_low_rank_dim", "v_low_rank_dim", "gate_low_rank_dim")]
     if "head_dim" not in d and "num_heads" not in d:
         raise CheckpointError(f"{where}: missing field 'head_dim' (or 'num_heads')")
-    N = _positive_int(d, "head_dim", where) if "head_dim" in d else None
-    H = _positive_int(d, "num_heads", where) if "num_heads" in d else None
-    if N is None:
-        N = C // H if H and C % H == 0 else 0
-    H = H or (C // N if C % N == 0 else 0)
+    # rwkv7-hf and fla write both; either one alone fixes the other through hidden_size
+    N = _positive_int(d, "head_dim", where) if "head_dim" in d else C // _positive_int(d, "num_heads", where)
+    H = _positive_int(d, "num_heads", where) if "num_heads" in d else C // N
     if H * N != C:
         raise CheckpointError(f"{where}: fields 'num_heads' ({H}) x 'head_dim' ({N}) != 'hidden_size' ({C})")
-    for key in ("num_attention_heads",):
-        if key in d and d[key] is not None and d[key] != H:
-            raise CheckpointError(f"{where}: field '{key}' ({d[key]!r}) contradicts 'num_heads' ({H})")
+    if d.get("num_attention_heads") not in (None, H):
+        raise CheckpointError(f"{where}: field 'num_attention_heads' ({d['num_attention_heads']!r}) contradicts "
+                              f"'num_heads' ({H})")
     if d.get("attention_hidden_size") not in (None, C):
         raise CheckpointError(f"{where}: field 'attention_hidden_size' ({d['attention_hidden_size']!r}) != "
                               f"'hidden_size' ({C}); rwkvslice runs only attention width = hidden size")
