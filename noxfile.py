@@ -76,8 +76,12 @@ def _versions(var: str, default: str) -> list[str]:
 
 TORCH_MATRIX = _versions("RWKVSLICE_TORCH_MATRIX", f"{TORCH_OLDEST},{TORCH}")
 TORCH_MATRIX_EXTRA = _versions("RWKVSLICE_TORCH_MATRIX_EXTRA", TORCH_NEWEST)
-# The matrix runs the fast subset; e2e_cpu and integration run everything.
-MATRIX_MARKERS = "not gpu and not slow"
+# The matrix runs the fast subset; e2e_cpu and integration run everything. HF interop tests (marker `hf`)
+# need rwkv7-hf + transformers, which only the integration session installs (on the pinned torch).
+MATRIX_MARKERS = "not gpu and not slow and not hf"
+# rwkv7-hf (the HF reference of tests/integration/test_interop_hf.py) and the transformers it was tested
+# with; installed in one command together with the pinned torch, so the resolver cannot move torch.
+HF_INTEROP_DEPS = ["rwkv7-hf==0.9.0", "transformers==5.24.0"]
 
 # Optional extras the torch sessions install: the World tokenizer / `rwkv` interop reference and the loss plot.
 EXTRAS = "world,plot"
@@ -293,15 +297,17 @@ def e2e_gpu(session: nox.Session) -> None:
 @nox.session(default=True)
 @recorded("integration")
 def integration(session: nox.Session) -> None:
-    """tests/integration: multi-step training, resume, DDP with 2 gloo processes, CLI, interop with `rwkv`."""
+    """tests/integration: multi-step training, resume, DDP with 2 gloo processes, CLI, interop with `rwkv`
+    and with rwkv7-hf (the Hugging Face layout)."""
     _install_torch_layer(session, TORCH)
+    session.install(f"torch=={TORCH}", *HF_INTEROP_DEPS)
     env = _layer_env(session, "integration")
     _pytest(session, "integration", "tests/integration", "-m", "not gpu", *_parallel(env), env=env)
 
 
 def _ran_in_this_run(torch: str) -> str | None:
     """Did e2e_cpu and integration both pass in this `nox` invocation on this same torch? Then they already
-    ran every test of this matrix leg (theirs are a superset: the matrix leaves out only `slow` tests), in
+    ran every test of this matrix leg (theirs are a superset: the matrix leaves out only `slow` and `hf` tests), in
     the same interpreter and package set. Returns a note saying so, or None."""
     records = {}
     for name in ("e2e_cpu", "integration"):

@@ -80,6 +80,12 @@ COMPONENTS: dict[str, list[str]] = {
         "rwkvslice/model/rwkv7.py:RWKV7.save_*",
         "rwkvslice/model/rwkv7.py:RWKV7.from_*",
     ],
+    "HF Interop": [
+        "rwkvslice/model/hf.py",
+        "rwkvslice/model/rwkv7.py:RWKV7.save_hf",
+        "rwkvslice/model/rwkv7.py:RWKV7.from_hf",
+        "rwkvslice/cli/export.py:_export_hf",
+    ],
     "Generation": [
         "rwkvslice/generate/*",
         "rwkvslice/ops/rnn_step_cpu.py",
@@ -103,6 +109,7 @@ TEST_FILES: list[tuple[str, str]] = [
     ("tests/*/test_*bf16*", "BFloat16"),
     ("tests/*/test_*backward*", "Backward Pass"),
     ("tests/*/test_*grad*", "Backward Pass"),
+    ("tests/*/test_*_hf*", "HF Interop"),
     ("tests/*/test_checkpoint*", "Checkpoints"),
     ("tests/*/test_train_checkpoint*", "Checkpoints"),
     ("tests/*/test_resume*", "Checkpoints"),

@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory):
 def test_train_writes_metrics_and_checkpoint(run_dir):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
-    assert (run_dir / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step-00000002" / "rwkvslice_model.safetensors").is_file()
 
 
 def test_generate_eval_export_succeed(run_dir, tmp_path):

@@ -169,8 +169,8 @@ def test_cli_under_torchrun_env_matches_single_process(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     run = json.loads((ddp_out / "checkpoints" / "step-00000003" / "run.json").read_text())
     assert run["world_size"] == 2
-    a = load_file(str(ddp_out / "checkpoints" / "step-00000003" / "model.safetensors"))
-    b = load_file(str(single_out / "checkpoints" / "step-00000003" / "model.safetensors"))
+    a = load_file(str(ddp_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors"))
+    b = load_file(str(single_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors"))
     # Per tensor, norm-relative: Adam divides each gradient by its running RMS, so an element whose
     # gradient is at float-noise level (e.g. att.key right after the zero-initialised att.output starts to
     # move) can take a +-lr step on one side and not the other when the all-reduce sums in another order.

@@ -193,6 +193,6 @@ def test_pack_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     assert got == ref, f"killed after {kill_after} steps: {got} != {ref}"
     from rwkvslice.train.checkpoint import latest_checkpoint
 
-    a = load_file(str(latest_checkpoint(out / "checkpoints") / "model.safetensors"))
-    b = load_file(str(latest_checkpoint(tmp_path / "ref" / "checkpoints") / "model.safetensors"))
+    a = load_file(str(latest_checkpoint(out / "checkpoints") / "rwkvslice_model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "ref" / "checkpoints") / "rwkvslice_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

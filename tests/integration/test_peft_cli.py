@@ -84,8 +84,9 @@ def test_state_run_default_lr_export_and_generate_with_state_files(tmp_path, bas
     args = json.loads((out / "checkpoints" / "step-00000003" / "run.json").read_text())["args"]
     assert args["tune"] == "state" and args["lr"] == 1.0 and args["min_lr"] == 0.01
     ckpt = out / "checkpoints" / "step-00000003"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "optimizer.pt", "peft.json",
-                                                      "peft.safetensors", "run.json", "trainer_state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.pt", "peft.json",
+                                                      "peft.safetensors", "run.json",
+                                                      "rwkvslice_config.json", "trainer_state.pt"]
     assert cli_main(["export", "--ckpt", str(out), "--state", str(tmp_path / "s.pth")]) == 0
     capsys.readouterr()
 

@@ -56,7 +56,7 @@ def logged(out):
 
 
 def weights(out):
-    return load_file(str(latest_checkpoint(out / "checkpoints") / "model.safetensors"))
+    return load_file(str(latest_checkpoint(out / "checkpoints") / "rwkvslice_model.safetensors"))
 
 
 def assert_same_weights(a, b):

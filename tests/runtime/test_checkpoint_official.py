@@ -115,7 +115,7 @@ def test_pretrained_dir_errors(official, tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         RWKV7.from_pretrained(tmp_path / "empty")
     m.save_pretrained(tmp_path / "ok")
-    (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "ok" / "rwkvslice_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
         RWKV7.from_pretrained(tmp_path / "ok")
 
@@ -175,21 +175,26 @@ def test_failed_official_save_leaves_no_partial_file(official, tmp_path, monkeyp
     assert list(target.parent.iterdir()) == []  # neither the target nor the temporary file
 
 
+@pytest.mark.parametrize("config_name, weights_name", [("rwkvslice_config.json", "rwkvslice_model.safetensors"),
+                                                       ("config.json", "model.safetensors")])  # rwkvslice <= 0.1
 @pytest.mark.parametrize("config_text, needles", [
-    ("{not json", ["config.json: not valid JSON"]),
-    ("[1, 2]", ["config.json: expected a JSON object"]),
-    ('{"model_type": "rwkv7", "vocab_size": 64, "n_embd": 32}', ["config.json", "missing field(s) n_layer"]),
+    ("{not json", ["not valid JSON"]),
+    ("[1, 2]", ["expected a JSON object"]),
+    ('{"model_type": "rwkv7", "vocab_size": 64, "n_embd": 32}', ["missing field(s) n_layer"]),
     ('{"vocab_size": 64, "n_embd": 32, "n_layer": 2, "head_size": 16, "dropout": 0.1}',
-     ["config.json", "unknown field(s) dropout"]),
+     ["unknown field(s) dropout"]),
 ])
-def test_pretrained_config_errors_name_the_config_file(official, tmp_path, config_text, needles):
+def test_pretrained_config_errors_name_the_config_file(official, tmp_path, config_text, needles, config_name,
+                                                       weights_name):
     m, _, _ = official
     m.save_pretrained(tmp_path / "d")
-    (tmp_path / "d" / "config.json").write_text(config_text)
+    (tmp_path / "d" / "rwkvslice_config.json").unlink()
+    (tmp_path / "d" / "rwkvslice_model.safetensors").rename(tmp_path / "d" / weights_name)
+    (tmp_path / "d" / config_name).write_text(config_text)
     with pytest.raises(CheckpointError) as info:
         RWKV7.from_pretrained(tmp_path / "d")
     msg = str(info.value)
-    assert "\n" not in msg and msg.startswith(str(tmp_path / "d" / "config.json"))
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "d" / config_name))
     for needle in needles:
         assert needle in msg
 

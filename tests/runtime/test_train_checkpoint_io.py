@@ -56,10 +56,10 @@ def test_plain_module_checkpoint_holds_its_weights(tmp_path, plain):
     model, opt = plain
     path = _save(tmp_path, 3, model, opt)
     assert sorted(os.listdir(path)) == sorted(ck.REQUIRED_FILES)
-    weights = load_file(str(path / "model.safetensors"))
+    weights = load_file(str(path / ck.WEIGHTS_FILE))
     assert weights.keys() == {"weight", "bias"}
     assert torch.equal(weights["weight"], model.weight.detach())
-    assert json.loads((path / "config.json").read_text()) == {}
+    assert json.loads((path / "rwkvslice_config.json").read_text()) == {}
 
 
 def test_resaving_a_step_replaces_it_whole(tmp_path, plain):
@@ -70,7 +70,7 @@ def test_resaving_a_step_replaces_it_whole(tmp_path, plain):
     path = _save(tmp_path, 5, model, opt, state={"marker": 2})
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [5]
     assert ck.load_trainer_files(path)[1]["marker"] == 2
-    assert torch.equal(load_file(str(path / "model.safetensors"))["weight"], torch.full((2, 3), 2.5))
+    assert torch.equal(load_file(str(path / ck.WEIGHTS_FILE))["weight"], torch.full((2, 3), 2.5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000005"]  # no .trash-* left behind
 
 

@@ -1,4 +1,6 @@
-"""`rwkvslice export`: write a checkpoint in the official RWKV-7 .pth layout (loads in the `rwkv` package)."""
+"""`rwkvslice export`: write a checkpoint as an official RWKV-7 .pth (loads in the `rwkv` package), a tuned
+state in RWKV-PEFT's layout, or a Hugging Face directory (loads in rwkv7-hf / transformers, model/hf.py).
+A `--tune lora` checkpoint is exported with its adapters merged."""
 
 from __future__ import annotations
 
@@ -11,21 +13,28 @@ DTYPES = ("fp32", "bf16", "fp16")  # file dtypes; torch.<name> below, imported o
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="convert a checkpoint to an official .pth",
-                              description="Write the official x070 state-dict layout (RWKV-LM / rwkv package).")
+    p = subparsers.add_parser("export", help="convert a checkpoint to an official .pth, a state file or an HF "
+                              "directory", description="Write the official x070 state-dict layout (RWKV-LM / "
+                              "rwkv package), a tuned state (RWKV-PEFT's layout) or the Hugging Face layout "
+                              "(rwkv7-hf, fla-hub).")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint or run directory")
     p.add_argument("--official", metavar="OUT.pth",
                    help="a full official checkpoint (a LoRA run's adapters merged: W + (alpha/r) BA)")
     p.add_argument("--state", metavar="OUT.pth",
                    help="a --tune state run's initial state in RWKV-PEFT's layout: blocks.{i}.att.time_state "
                    "(H, N, N) fp32")
+    p.add_argument("--hf", metavar="OUT_DIR", help="a Hugging Face directory (must not exist, or be empty)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="tensor dtype in the file (default fp32)")
+    p.add_argument("--tokenizer", choices=("byte", "world"), default=None,
+                   help="--hf: the model's tokenizer when the checkpoint does not record it (world adds "
+                        "rwkv7-hf's tokenizer files)")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.official is None and args.state is None:
-        raise ConfigError("nothing to export: pass --official OUT.pth and/or --state OUT.pth")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is checked before anything is loaded or written (and before torch is imported)."""
+    if args.official is None and args.state is None and args.hf is None:
+        raise ConfigError("nothing to export: pass --official OUT.pth, --state OUT.pth and/or --hf OUT_DIR")
     for flag, name in (("--official", args.official), ("--state", args.state)):
         if name is None:
             continue
@@ -34,25 +43,45 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {out}: the file name must end in .pth")
         if not out.parent.is_dir():
             raise ConfigError(f"{flag} {out}: directory {out.parent} does not exist")
+    if args.hf is not None:
+        out = Path(args.hf)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--hf {out}: already exists and is not an empty directory")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--hf {out}: directory {out.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     import torch  # only now: argument errors answer without paying for it
 
-    from rwkvslice.generate.loading import load_tuned_model
-    from rwkvslice.model import RWKV7
+    from rwkvslice.generate.loading import load_weights, resolve_tokenizer
+    from rwkvslice.model.hf import check_exportable
     from rwkvslice.peft import save_state_file, set_initial_state
-    from rwkvslice.peft.tuning import is_tuned_dir
-    from rwkvslice.train.checkpoint import resolve_weights_dir
+    from rwkvslice.train.checkpoint import read_run_info, resolve_weights_dir
 
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     weights = resolve_weights_dir(args.ckpt)
-    # a --tune lora/state checkpoint: the tuned model (LoRA merged into the weights)
-    model = load_tuned_model(weights) if is_tuned_dir(weights) else RWKV7.from_pretrained(weights)
+    model = load_weights(weights)  # a --tune lora/state checkpoint: the tuned model (LoRA merged)
+    tok = None
+    if args.hf is not None:  # refusals first, so that nothing is written when one output cannot be
+        tok = resolve_tokenizer(model, read_run_info(weights), args.tokenizer, args.ckpt)
+        check_exportable(model.config, f"--hf {args.hf}")
+    tuned_state = model.initial_state
     if args.state is not None:
-        if model.initial_state is None:
+        if tuned_state is None:
             raise ConfigError(f"--state: {weights} has no tuned initial state (not a --tune state run)")
-        save_state_file(model.initial_state, args.state)
+        save_state_file(tuned_state, args.state)
         print(f"wrote {args.state} (tuned state, {model.config.n_layer} x blocks.i.att.time_state) from {weights}")
+    set_initial_state(model, None)  # neither weight layout holds an initial state (that is --state's file)
+    if tuned_state is not None and (args.official or args.hf) and args.state is None:
+        print("note: the tuned initial state is not part of the weights; write it with --state OUT.pth")
     if args.official is not None:
-        set_initial_state(model, None)  # the official weights layout has no initial state (see --state)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model.save_official(Path(args.official), dtype=dtype)
         print(f"wrote {args.official} ({args.dtype}) from {weights}")
+    if args.hf is not None:
+        assert tok is not None
+        model.save_hf(Path(args.hf), dtype=dtype, tokenizer=tok.name)
+        files = "weights, config and tokenizer" if tok.name == "world" else "weights and config"
+        print(f"wrote {args.hf} ({args.dtype}; {files}) from {weights}")
     return 0

@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
         help=f"size preset ({', '.join(PRESETS)}; default tiny) or a JSON config file "
         "(RWKV7Config fields; vocab_size defaults to the tokenizer's)",
     )
-    m.add_argument("--init-from", metavar="PTH", help="fine-tune from an official RWKV-7 .pth")
+    m.add_argument("--init-from", metavar="PATH",
+                   help="fine-tune from an official RWKV-7 .pth or a Hugging Face-layout directory")
 
     t = p.add_argument_group("parameter-efficient fine-tuning (rwkvslice.peft)")
     t.add_argument("--tune", choices=("full", "lora", "state"), default="full",
@@ -179,7 +180,7 @@ def _config_from_args(args: argparse.Namespace):
     if args.demo and args.init_from:
         raise ConfigError("--demo trains from scratch; --init-from needs --data")
     if args.init_from and args.model:
-        raise ConfigError("--init-from takes the model shape from the .pth; drop --model")
+        raise ConfigError("--init-from takes the model shape from the checkpoint; drop --model")
     if not args.demo and not args.data:
         raise ConfigError("no training data: pass --data PATH or --demo")
     base = TrainConfig(out=args.out)

@@ -26,20 +26,33 @@ def load_model(ckpt: str | Path, *, device: str = "cpu", tokenizer: str | None =
     tuned initial state used whenever no state is passed (`model.init_state(B)` returns it).
     The tokenizer comes from `tokenizer`, else the checkpoint's run.json, else the vocab size.
     """
-    from rwkvslice.data import get_tokenizer
-    from rwkvslice.model import RWKV7
-    from rwkvslice.peft.tuning import is_tuned_dir
     from rwkvslice.train.checkpoint import read_run_info, resolve_weights_dir
     from rwkvslice.train.distributed import resolve_device
 
     dev = resolve_device(device)
     weights = resolve_weights_dir(ckpt)
     run_info = read_run_info(weights)
-    if is_tuned_dir(weights):  # a --tune lora/state checkpoint: the base plus its trainable tensors
-        model = load_tuned_model(weights).to(dev)
-    else:
-        model = RWKV7.from_pretrained(weights, map_location=str(dev))
+    model = load_weights(weights, map_location=str(dev)).to(dev)
     model.eval()
+    tok = resolve_tokenizer(model, run_info, tokenizer, ckpt)
+    return model, tok, weights, run_info
+
+
+def load_weights(weights: Path, map_location: str = "cpu"):
+    """The model a weights directory holds: a --tune lora/state checkpoint's tuned model (its base plus the
+    trainable tensors, LoRA merged), else the saved weights."""
+    from rwkvslice.model import RWKV7
+    from rwkvslice.peft.tuning import is_tuned_dir
+
+    if is_tuned_dir(weights):
+        return load_tuned_model(weights)
+    return RWKV7.from_pretrained(weights, map_location=map_location)
+
+
+def resolve_tokenizer(model, run_info: dict, tokenizer: str | None, ckpt):
+    """The tokenizer named by `tokenizer`, else the run's run.json, else guessed from the vocab size."""
+    from rwkvslice.data import get_tokenizer
+
     name = tokenizer or run_info.get("tokenizer") or guess_tokenizer_name(model.config.vocab_size)
     if name is None:
         raise ConfigError(f"--ckpt {ckpt}: cannot tell which tokenizer the model (vocab "
@@ -48,7 +61,7 @@ def load_model(ckpt: str | Path, *, device: str = "cpu", tokenizer: str | None =
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"--tokenizer {name}: its vocab ({tok.vocab_size}) is larger than the model's "
                           f"({model.config.vocab_size})")
-    return model, tok, weights, run_info
+    return tok
 
 
 def load_tuned_model(directory: str | Path):
@@ -58,6 +71,7 @@ def load_tuned_model(directory: str | Path):
 
     from rwkvslice.errors import CheckpointError
     from rwkvslice.model import RWKV7, RWKV7Config
+    from rwkvslice.model.hf import load_base
     from rwkvslice.peft.files import sha256_file
     from rwkvslice.peft.lora import merge_lora
     from rwkvslice.peft.tuning import load_trainable, prepare, read_tuned, weights_sha256
@@ -65,13 +79,13 @@ def load_tuned_model(directory: str | Path):
     spec, base, tensors, factors = read_tuned(directory)
     if base.get("init_from"):
         path = Path(base["init_from"])
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"{directory}: its base model {path} is missing (the checkpoint holds only "
                                   "the tuned tensors)")
         if sha256_file(path) != base.get("sha256"):
             raise CheckpointError(f"{directory}: its base model {path} has changed since training (sha256 "
                                   "differs)")
-        model = RWKV7.from_official(path)
+        model = load_base(path, RWKV7)  # an official .pth, an HF directory or one of ours, as --init-from
     else:  # a fresh model of the run's seed: rebuilt exactly as the trainer built it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(base["seed"]))

@@ -1,4 +1,5 @@
-"""Checkpoint interop: the official x070 `.pth` layout, and our own safetensors directory.
+"""Checkpoint interop: the official x070 `.pth` layout, and our own safetensors directory
+(rwkvslice_model.safetensors with the official names + rwkvslice_config.json). The HF layout is in hf.py.
 
 Official layout (RWKV-LM `torch.save(state_dict)`, loaded by the `rwkv` pip package):
   emb.weight [V,C]; blocks.0.ln0.*; blocks.i.{ln1,ln2}.*; blocks.i.att.{x_r..x_g,w0,a0,v0,k_k,k_a} [1,1,C];
@@ -24,8 +25,15 @@ import torch
 
 from rwkvslice.errors import CheckpointError
 from rwkvslice.model.config import RWKV7Config
+from rwkvslice.model.hf import is_hf_dir, load_hf
 
 _IGNORED_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+# Our directory (save_pretrained): its own config file name and model_type, see save_pretrained.
+NATIVE_CONFIG_FILE = "rwkvslice_config.json"
+NATIVE_WEIGHTS_FILE = "rwkvslice_model.safetensors"
+NATIVE_MODEL_TYPE = "rwkvslice"
+# rwkvslice <= 0.1 wrote these names (the Hugging Face ones, with our field names and official weight names)
+OLD_CONFIG_FILE, OLD_WEIGHTS_FILE = "config.json", "model.safetensors"
 _PREFIXES = ("_forward_module.", "module.")  # DeepSpeed / DDP wrappers
 
 
@@ -161,25 +169,42 @@ def save_official(model, path, dtype=torch.float32) -> None:
 
 
 def save_pretrained(model, directory) -> None:
+    """Our own directory: rwkvslice_model.safetensors (official names) + rwkvslice_config.json.
+
+    Both files have names of their own (and the config a model_type of its own, "rwkvslice"), so Hugging
+    Face loaders refuse the directory: transformers finds no config.json, which rwkv7-hf's classes would
+    silently replace by a default config, and no model.safetensors, which it requires. rwkvslice <= 0.1
+    wrote config.json ("model_type": "rwkv7", our fields) + model.safetensors; load_pretrained reads that."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    text = json.dumps({"model_type": "rwkv7", **model.config.to_dict()}, indent=2) + "\n"
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _atomic_write(directory / NATIVE_WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    text = json.dumps({"model_type": NATIVE_MODEL_TYPE, **model.config.to_dict()}, indent=2) + "\n"
+    _atomic_write(directory / NATIVE_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    # Files of an older rwkvslice (or anyone's HF files) here no longer describe the weights just written.
+    for old in (OLD_CONFIG_FILE, OLD_WEIGHTS_FILE):
+        (directory / old).unlink(missing_ok=True)
 
 
 def load_pretrained(directory, cls, map_location="cpu"):
+    """An RWKV7 from our directory (either config file name) or from an HF-layout one (model/hf.py)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing (not an rwkvslice checkpoint directory)")
+    config_path, weights_path = directory / NATIVE_CONFIG_FILE, directory / NATIVE_WEIGHTS_FILE
+    if not config_path.is_file():
+        if is_hf_dir(directory):
+            return load_hf(directory, cls, map_location=map_location)
+        if (directory / OLD_CONFIG_FILE).is_file():  # written by rwkvslice <= 0.1
+            config_path, weights_path = directory / OLD_CONFIG_FILE, directory / OLD_WEIGHTS_FILE
+        else:
+            raise CheckpointError(f"{config_path}: missing, and no {OLD_CONFIG_FILE} either "
+                                  "(not an rwkvslice or Hugging Face model directory)")
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing (not an rwkvslice checkpoint directory)")
     try:
         meta = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -530,13 +530,29 @@ class RWKV7(nn.Module):
         save_official(self, path, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `directory/model.safetensors` and `directory/config.json` (atomically)."""
+        """Write `directory/rwkvslice_model.safetensors` and `directory/rwkvslice_config.json` (each atomically).
+        Our own layout (official names); `save_hf` writes the Hugging Face one."""
         from rwkvslice.model.official import save_pretrained
 
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location="cpu") -> RWKV7:
+        """Load a `save_pretrained` directory (this or an earlier version's) or an HF-layout one."""
         from rwkvslice.model.official import load_pretrained
 
         return load_pretrained(directory, cls, map_location=map_location)
+
+    def save_hf(self, directory: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | None = None) -> None:
+        """Write the Hugging Face layout rwkv7-hf loads (config.json + model.safetensors), atomically;
+        tokenizer="world" adds its tokenizer files. Head size 64 only. See model/hf.py."""
+        from rwkvslice.model.hf import save_hf
+
+        save_hf(self, directory, dtype=dtype, tokenizer=tokenizer)
+
+    @classmethod
+    def from_hf(cls, directory: str | Path, map_location="cpu") -> RWKV7:
+        """Load an HF-layout directory (rwkv7-hf's converter, fla-hub, `save_hf`). See model/hf.py."""
+        from rwkvslice.model.hf import load_hf
+
+        return load_hf(directory, cls, map_location=map_location)

@@ -24,8 +24,15 @@ def atomic_save(path: Path, write) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
+    """sha256 of a file; of a model directory (an HF or rwkvslice --init-from), over every file's relative
+    name and contents in name order, so any change to the weights or config changes it."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()

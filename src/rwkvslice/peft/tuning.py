@@ -10,7 +10,7 @@ A tuned checkpoint directory holds only what trained, plus what is needed to reb
                        initial_state), and for PiSSA the initial factors as pissa_init.<module>.lora_A/B
     peft.json          the TuneSpec and the base's identity (the --init-from path and its sha256, or the
                        preset config and seed of a fresh model with the sha256 of its weights)
-    config.json        the model config (as save_pretrained writes it)
+    rwkvslice_config.json  the model config (as save_pretrained writes it)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rwkvslice.peft.state import enable_state_tuning
 
 TUNE_KINDS = ("full", "lora", "state")
 TRAIN_ALSO_PARTS = ("time", "ln", "emb", "head")
-PEFT_FILES = ("peft.safetensors", "peft.json", "config.json")
+PEFT_FILES = ("peft.safetensors", "peft.json", "rwkvslice_config.json")
 _TIME = re.compile(r"^blocks\.\d+\.(att\.(x_[rwkvag]|[wav][012]|g[12]|k_k|k_a|r_k)|ffn\.x_k)$")
 _LN = re.compile(r"^(blocks\.\d+\.(ln[012]|att\.ln_x)|ln_out)\.(weight|bias)$")
 
@@ -144,7 +144,7 @@ def weights_sha256(model: Any) -> str:
 
 
 def save_tuned(model: Any, directory: Path, base: dict) -> None:
-    """Write peft.safetensors, peft.json and config.json of a tuned model into `directory`."""
+    """Write peft.safetensors, peft.json and rwkvslice_config.json of a tuned model into `directory`."""
     from safetensors.torch import save_file
 
     spec: TuneSpec = model.peft_spec
@@ -155,8 +155,10 @@ def save_tuned(model: Any, directory: Path, base: dict) -> None:
     atomic_save(directory / "peft.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     meta = json.dumps({"tune": spec.to_dict(), "base": base}, indent=2) + "\n"
     atomic_save(directory / "peft.json", lambda tmp: Path(tmp).write_text(meta, encoding="utf-8"))
-    cfg = json.dumps({"model_type": "rwkv7", **model.config.to_dict()}, indent=2) + "\n"
-    atomic_save(directory / "config.json", lambda tmp: Path(tmp).write_text(cfg, encoding="utf-8"))
+    from rwkvslice.model.official import NATIVE_CONFIG_FILE, NATIVE_MODEL_TYPE
+
+    cfg = json.dumps({"model_type": NATIVE_MODEL_TYPE, **model.config.to_dict()}, indent=2) + "\n"
+    atomic_save(directory / NATIVE_CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg, encoding="utf-8"))
 
 
 def is_tuned_dir(directory: str | Path) -> bool:

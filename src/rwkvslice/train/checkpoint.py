@@ -1,7 +1,8 @@
 """Atomic training checkpoints: a checkpoint directory appears complete or not at all.
 
 Layout of OUT/checkpoints/step-00000120/:
-    model.safetensors, config.json   weights and model config (`RWKV7.save_pretrained` format)
+    rwkvslice_model.safetensors, rwkvslice_config.json   weights and model config (`RWKV7.save_pretrained`;
+                                     rwkvslice <= 0.1 wrote model.safetensors + config.json, still read)
     optimizer.pt                     optimizer.state_dict()
     trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
     run.json                         human-readable: step, tokenizer, training arguments
@@ -28,16 +29,28 @@ import torch
 from rwkvslice.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt", "run.json")
-WEIGHT_FILES = ("model.safetensors", "config.json")
+WEIGHTS_FILE = "rwkvslice_model.safetensors"
+WEIGHT_FILES = (WEIGHTS_FILE, "rwkvslice_config.json")
+REQUIRED_FILES = (*WEIGHT_FILES, "optimizer.pt", "trainer_state.pt", "run.json")
 # A LoRA / state run (rwkvslice.peft) writes only its trainable tensors and the base's identity instead
-# of model.safetensors: peft.safetensors + peft.json (+ config.json).
-TUNED_REQUIRED_FILES = ("peft.safetensors", "peft.json", "config.json", "optimizer.pt", "trainer_state.pt",
-                        "run.json")
+# of the weights: peft.safetensors + peft.json (+ the model config).
+TUNED_REQUIRED_FILES = ("peft.safetensors", "peft.json", "rwkvslice_config.json", "optimizer.pt",
+                        "trainer_state.pt", "run.json")
+# the names of rwkvslice <= 0.1 checkpoints (HF directories use them too), read as well
+OLD_NAMES = {WEIGHTS_FILE: "model.safetensors", "rwkvslice_config.json": "config.json"}
+
+
+def _first_missing(path: Path, files) -> str | None:
+    """The first of `files` not in `path`, where an older checkpoint's name stands in for ours."""
+    for f in files:
+        if not (path / f).is_file() and not (f in OLD_NAMES and (path / OLD_NAMES[f]).is_file()):
+            return f
+    return None
 
 
 def is_complete(path: Path) -> bool:
-    return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, TUNED_REQUIRED_FILES))
+    """Does `path` hold a whole checkpoint (full weights, or a tuned run's trainable tensors)?"""
+    return any(_first_missing(path, files) is None for files in (REQUIRED_FILES, TUNED_REQUIRED_FILES))
 
 
 def fsync_path(path: Path) -> None:
@@ -98,8 +111,8 @@ def _write_weights(model, directory: Path) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  str(directory / "model.safetensors"))
-        (directory / "config.json").write_text("{}\n")
+                  str(directory / WEIGHTS_FILE))
+        (directory / "rwkvslice_config.json").write_text("{}\n")
 
 
 def save_checkpoint(
@@ -189,9 +202,9 @@ def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dic
     """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
     ckpt = Path(ckpt)
     files = TUNED_REQUIRED_FILES if (ckpt / "peft.json").is_file() else REQUIRED_FILES
-    for f in files:
-        if not (ckpt / f).is_file():
-            raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
+    missing = _first_missing(ckpt, files)
+    if missing:
+        raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {missing})")
     from rwkvslice.model.official import torch_load_weights_only
 
     try:
@@ -210,12 +223,13 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if all((path / f).is_file() for f in WEIGHT_FILES) or (path / "peft.json").is_file():
+    if _first_missing(path, WEIGHT_FILES) is None or (path / "peft.json").is_file():  # ours, older, HF, tuned
         return path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest
-    raise CheckpointError(f"{path}: no model.safetensors + config.json here and no checkpoints/step-* inside")
+    raise CheckpointError(f"{path}: no model here ({WEIGHTS_FILE} + rwkvslice_config.json, or model.safetensors "
+                          "+ config.json) and no checkpoints/step-* inside")
 
 
 def read_run_info(weights_dir: str | os.PathLike) -> dict:

@@ -54,7 +54,7 @@ class TrainConfig:
     data: str | None = None
     tokenizer: str = "byte"
     model: str = "tiny"  # a preset name (RWKV7Config.preset) or a JSON config file
-    init_from: str | None = None  # an official .pth to fine-tune
+    init_from: str | None = None  # an official .pth or an HF-layout directory to fine-tune
     steps: int = 100
     ctx_len: int = 256
     batch_size: int = 4
@@ -202,9 +202,11 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
 def build_model(cfg: TrainConfig, tokenizer):
 
     if cfg.init_from:
-        if not Path(cfg.init_from).is_file():
+        if not Path(cfg.init_from).exists():
             raise ConfigError(f"--init-from {cfg.init_from}: no such file")
-        model = RWKV7.from_official(cfg.init_from)
+        from rwkvslice.model.hf import load_base
+
+        model = load_base(cfg.init_from, RWKV7)  # an official .pth, an HF directory or one of ours
     else:
         model = RWKV7(build_model_config(cfg, tokenizer.vocab_size))
     if model.config.vocab_size < tokenizer.vocab_size:
