@@ -33,6 +33,6 @@ def sha256_file(path: str | Path) -> str:
         if path.is_dir():
             h.update(file.relative_to(path).as_posix().encode() + b"\0")
         with open(file, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 22), b""):
+            while chunk := f.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
