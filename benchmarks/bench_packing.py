@@ -134,8 +134,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--ctx-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flush-denormal", action="store_true",
+                    help="torch.set_flush_denormal(True): subnormal fp32 values dominate step times otherwise")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench-packing.md"))
     args = ap.parse_args()
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
 
     import tempfile
 
@@ -179,7 +183,8 @@ def main() -> None:
         f"{platform.system()} {platform.release()}",
         f"- Versions: python {platform.python_version()}, torch {torch.__version__}, rwkvslice (this checkout)",
         f"- Command: `{cmd.strip()}` (under `flock /tmp/rwkvslice-heavy.lock`)",
-        f"- Torch threads: {torch.get_num_threads()}. Load average (1 min) before / after: "
+        f"- Torch threads: {torch.get_num_threads()}; flush denormals: {args.flush_denormal}. "
+        "Load average (1 min) before / after: "
         f"{load_before[0]:.1f} / {load_after[0]:.1f} (a shared machine: absolute speeds move with the load; "
         "the ratio from one run is the point)",
         f"- Data: {args.samples} SFT-like samples, token counts log-normal with median ctx_len/8 = "
