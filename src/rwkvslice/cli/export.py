@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvslice.model import RWKV7
+    from rwkvslice.train import sharding
     from rwkvslice.train.checkpoint import resolve_weights_dir
 
     out = Path(args.official)
@@ -31,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ConfigError(f"--official {out}: directory {out.parent} does not exist")
     weights = resolve_weights_dir(args.ckpt)
-    model = RWKV7.from_pretrained(weights)
+    if sharding.is_sharded_checkpoint(weights):  # --shard fsdp: reassembled from the ranks' shards
+        model = sharding.load_full_model(weights)
+    else:
+        model = RWKV7.from_pretrained(weights)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model.save_official(out, dtype=dtype)
     print(f"wrote {out} ({args.dtype}) from {weights}")

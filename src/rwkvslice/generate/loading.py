@@ -26,13 +26,17 @@ def load_model(ckpt: str | Path, *, device: str = "cpu", tokenizer: str | None =
     """
     from rwkvslice.data import get_tokenizer
     from rwkvslice.model import RWKV7
+    from rwkvslice.train import sharding
     from rwkvslice.train.checkpoint import read_run_info, resolve_weights_dir
     from rwkvslice.train.distributed import resolve_device
 
     dev = resolve_device(device)
     weights = resolve_weights_dir(ckpt)
     run_info = read_run_info(weights)
-    model = RWKV7.from_pretrained(weights, map_location=str(dev))
+    if sharding.is_sharded_checkpoint(weights):  # a --shard fsdp checkpoint
+        model = sharding.load_full_model(weights).to(dev)
+    else:
+        model = RWKV7.from_pretrained(weights, map_location=str(dev))
     model.eval()
     name = tokenizer or run_info.get("tokenizer") or guess_tokenizer_name(model.config.vocab_size)
     if name is None:

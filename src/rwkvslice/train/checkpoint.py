@@ -5,6 +5,8 @@ Layout of OUT/checkpoints/step-00000120/:
     optimizer.pt                     optimizer.state_dict()
     trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
     run.json                         human-readable: step, tokenizer, training arguments
+A sharded run (`--shard fsdp`, train/sharding.py) writes dcp/ (torch.distributed.checkpoint: the model
+and optimizer shards of every rank) and config.json instead of model.safetensors + optimizer.pt.
 
 Writing: everything goes into a hidden temporary directory next to the final one, every file and the
 directory are fsync'ed, then one `os.rename` publishes it and the parent directory is fsync'ed. A process
@@ -30,6 +32,12 @@ from rwkvslice.errors import CheckpointError
 STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt", "run.json")
 WEIGHT_FILES = ("model.safetensors", "config.json")
+SHARDED_REQUIRED_FILES = ("dcp/.metadata", "config.json", "trainer_state.pt", "run.json")
+
+
+def is_complete(path: Path) -> bool:
+    """A full (single-file weights) or a sharded checkpoint directory with every file it needs."""
+    return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
 
 
 def fsync_path(path: Path) -> None:
@@ -98,10 +106,13 @@ def save_checkpoint(
     trainer_state: dict,
     run_info: dict,
     keep: int = 3,
+    sharded_state: Path | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step-XXXXXXXX atomically, then delete all but the newest `keep`.
 
     `model` is the unwrapped model (not the DDP wrapper). Returns the final directory.
+    `sharded_state`: a directory of DCP shards every rank wrote (sharding.save_shards); it is moved in as
+    dcp/ in place of model.safetensors and optimizer.pt, and only config.json is written from `model`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -111,8 +122,13 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded_state is not None:
+            os.rename(sharded_state, tmp / "dcp")
+            config = {"model_type": "rwkv7", **model.config.to_dict()}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            _write_weights(model, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(to_plain(dict(trainer_state, step=step)), tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(dict(run_info, step=step), indent=2, default=str) + "\n")
         for f in tmp.iterdir():
@@ -143,7 +159,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES):
+        if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -170,13 +186,18 @@ def clean_stale(root: str | os.PathLike) -> None:
 
 
 def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
-    """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
+    """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable.
+
+    A sharded checkpoint has no optimizer.pt (its optimizer state is in dcp/): optimizer_state is None.
+    """
     ckpt = Path(ckpt)
-    for f in REQUIRED_FILES:
+    sharded = all((ckpt / f).is_file() for f in SHARDED_REQUIRED_FILES)
+    for f in SHARDED_REQUIRED_FILES if sharded else REQUIRED_FILES:
         if not (ckpt / f).is_file():
             raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {f})")
     try:
-        optim_state = torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True)
+        optim_state = None if sharded else torch.load(ckpt / "optimizer.pt", map_location=map_location,
+                                                      weights_only=True)
         trainer_state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         run_info = json.loads((ckpt / "run.json").read_text())
     except Exception as exc:  # torch/pickle/json raise many types for a corrupt file
@@ -189,8 +210,8 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if all((path / f).is_file() for f in WEIGHT_FILES):
-        return path
+    if all((path / f).is_file() for f in WEIGHT_FILES) or (path / "dcp" / ".metadata").is_file():
+        return path  # (a sharded checkpoint: train/sharding.py load_full_model reads it)
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:
         return latest

@@ -23,6 +23,7 @@ import torch
 from rwkvslice.errors import ConfigError, RWKVSliceError
 from rwkvslice.model import RWKV7
 from rwkvslice.train import checkpoint as ckpt_io
+from rwkvslice.train import sharding
 from rwkvslice.train.distributed import (
     DistEnv,
     all_gather_objects,
@@ -73,6 +74,8 @@ class TrainConfig:
     progress: bool = True
     grad_checkpoint: bool = False  # recompute each block's forward in backward (less memory, ~1/3 more time)
     grad_checkpoint_len: int | None = None  # ... per segment of this many tokens (implies grad_checkpoint)
+    shard: str = "none"  # "none": DDP under torchrun; "fsdp": FSDP2 (train/sharding.py)
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward
 
     def resolved_min_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
@@ -83,7 +86,7 @@ class TrainConfig:
 
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
-                     "progress", "grad_checkpoint", "grad_checkpoint_len"}  # memory settings; segments change
+                     "progress", "grad_checkpoint", "grad_checkpoint_len", "reshard_after_forward"}  # memory settings; segments change
 # gradients at rounding level only (a resume that keeps them stays bit-exact)
 
 
@@ -229,6 +232,7 @@ def train(cfg: TrainConfig, *, after_step: StepHook | None = None, log: Callable
     own_env = env is None
     env = env or setup_distributed(cfg.device)
     try:
+        sharding.check_launch(cfg.shard, env)
         return _train(cfg, env, after_step, log or (lambda m: print(m, file=sys.stderr)))
     finally:
         if own_env:
@@ -259,7 +263,10 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     if latest is not None:
         optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
         _check_resume_args(cfg, run_info, Path(latest), env.world_size)
-        model = RWKV7.from_pretrained(latest)
+        if sharding.is_sharded_checkpoint(latest):  # weights come from the shards once sharded (below)
+            model = RWKV7(sharding.read_config(latest))
+        else:
+            model = RWKV7.from_pretrained(latest)
         start_step = int(trainer_state["step"])
         if start_step > cfg.steps:
             raise ConfigError(f"--steps {cfg.steps}: {latest} is already at step {start_step}")
@@ -274,6 +281,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     model.train()
     model.grad_checkpointing = cfg.grad_checkpoint or cfg.grad_checkpoint_len is not None
     model.grad_checkpoint_len = cfg.grad_checkpoint_len
+    if cfg.shard == "fsdp":  # before the optimizer: it must hold the sharded parameters
+        sharding.shard_model(model, env, precision=cfg.precision, reshard_after_forward=cfg.reshard_after_forward)
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.adam_eps)
@@ -282,7 +291,10 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
     loader = ResumableLoader(dataset, cfg.batch_size, seed=cfg.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=cfg.num_workers)
     if latest is not None:
-        optimizer.load_state_dict(optim_state)
+        if optim_state is None:  # a sharded checkpoint: weights and optimizer state from dcp/
+            sharding.load_shards(latest, model, optimizer)
+        else:
+            optimizer.load_state_dict(optim_state)
         schedule.load_state_dict(trainer_state["schedule"])
         loader.load_state_dict(trainer_state["loader"])
         rngs = trainer_state["rng"]
@@ -291,7 +303,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
             log(f"resuming from {latest} (step {start_step})")
 
     loss_module: torch.nn.Module = LossModule(model)
-    if env.distributed:
+    if cfg.shard == "fsdp":
+        loss_module = sharding.ShardedLossModule(model)
+    elif env.distributed:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
@@ -362,9 +376,12 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log) -> TrainResult:
 def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env) -> Path:
     rngs = all_gather_objects(capture_rng_state(), env)  # collective: every rank takes part
     path = Path(root) / ckpt_io.step_dir_name(step)
+    # fsdp: every rank writes its shards first (collective); rank 0 then publishes them with the rest
+    staged = sharding.save_shards(root, step, model, optimizer, env) if cfg.shard == "fsdp" else None
     if env.is_main:
         trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs}
         path = ckpt_io.save_checkpoint(root, step, model=model, optimizer=optimizer,
-                                       trainer_state=trainer_state, run_info=run_info, keep=cfg.keep)
+                                       trainer_state=trainer_state, run_info=run_info, keep=cfg.keep,
+                                       sharded_state=staged)
     barrier(env)
     return path
