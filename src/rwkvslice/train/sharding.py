@@ -9,7 +9,7 @@ on the local shards (AdamW's per-tensor loop works on DTensors unchanged).
 
 What the trainer needs from this module (the hooks are narrow on purpose):
 - `check_launch`: refuse `--shard fsdp` where it cannot run (no distributed launch, no FSDP2).
-- `shard_model`: `fully_shard` each block, then the root; `model.loss` registered as a forward method,
+- `shard_model`: `fully_shard` the embedding and each block, then the root; `model.loss` registered as a forward method,
   since slicing calls `model.loss`, not `forward`. bf16 goes through FSDP2's MixedPrecisionPolicy.
 - `ShardedLossModule`: the LossModule whose `no_sync()` turns the gradient reduce-scatter off on the
   non-final accumulation micro-batches (as DDP's `no_sync`).
@@ -85,8 +85,8 @@ def check_launch(shard: str, env: DistEnv) -> None:
 
 
 def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_after_forward: bool = True) -> None:
-    """Shard `model` in place: one FSDP unit per block (its all-gather happens just before it runs),
-    then the root (embedding, final norm, head). Parameters become DTensors holding this rank's shard.
+    """Shard `model` in place: one FSDP unit for the embedding and one per block (each all-gathered
+    just before it runs), then the root (final norm, head). Parameters become DTensors holding this rank's shard.
 
     bf16: the all-gathered parameters are cast to bf16 for compute, gradients are reduced in fp32 and
     the sharded master weights (and so AdamW's moments) stay fp32. No GradScaler: bf16 has fp32's range.
@@ -97,8 +97,11 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
         mp = api.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = api.MixedPrecisionPolicy()
-    for block in model.blocks:
-        api.fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    # the embedding is its own unit (gathered only for the lookup and its backward: with a 65536-token
+    # vocab it is as large as several blocks); the head stays in the root, since model.loss hands
+    # head.weight to the sliced loss without calling the module
+    for unit in (model.emb, *model.blocks):
+        api.fully_shard(unit, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     api.fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     api.register_fsdp_forward_method(model, "loss")  # slicing runs model.loss, never forward
 
