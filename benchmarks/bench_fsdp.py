@@ -93,7 +93,7 @@ def run_config(cfg: dict, world: int) -> list[dict]:
             if p.poll() is None:
                 p.kill()
             p.wait()
-    for p, err in zip(procs, errs):
+    for p, err in zip(procs, errs, strict=True):
         if p.returncode != 0:
             raise SystemExit(f"{cfg['mode']} rank failed:\n{err[-3000:]}")
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
@@ -151,8 +151,9 @@ def main() -> None:
 
     P = n_params(a)
     ddp, fsdp = results["ddp"], results["fsdp"]
-    same_losses = all(d["losses"] == f["losses"] for d, f in zip(ddp, fsdp))
-    max_rel = max(abs(x - y) / abs(y) for d, f in zip(ddp, fsdp) for x, y in zip(f["losses"], d["losses"]))
+    same_losses = all(d["losses"] == f["losses"] for d, f in zip(ddp, fsdp, strict=True))
+    max_rel = max(abs(x - y) / abs(y) for d, f in zip(ddp, fsdp, strict=True)
+                  for x, y in zip(f["losses"], d["losses"], strict=True))
     peak = {m: max(r["peak_growth_mb"] for r in rs) for m, rs in results.items()}
     step = {m: max(r["step_s"] for r in rs) for m, rs in results.items()}
     cmd = "flock /tmp/rwkvslice-heavy.lock python benchmarks/bench_fsdp.py " + " ".join(sys.argv[1:])

@@ -87,12 +87,15 @@ COMPONENTS: dict[str, list[str]] = {
         "rwkvslice/model/rwkv7.py:RWKV7.init_state",
     ],
     "CLI": ["rwkvslice/cli/*"],
+    "Sharding (FSDP)": ["rwkvslice/train/sharding.py"],
 }
 # Rows for checks that are about the repository as a whole (ruff, mypy, docs agreement): Static column only.
 PROJECT_ROW = "Project-wide"
 
 # Test file -> component, for tests without an explicit @pytest.mark.component (first match wins).
 TEST_FILES: list[tuple[str, str]] = [
+    ("tests/*/test_fsdp*", "Sharding (FSDP)"),
+    ("tests/*/test_train_sharding*", "Sharding (FSDP)"),
     ("tests/static/test_cuda_*", "CUDA Kernels"),
     ("tests/*/test_*cuda*", "CUDA Kernels"),
     ("tests/*/test_wkv7_host*", "CUDA Kernels"),

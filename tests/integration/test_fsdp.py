@@ -26,7 +26,7 @@ from rwkvslice.data import DemoTask
 from rwkvslice.train.distributed import DistEnv
 from rwkvslice.train.step import LossModule, train_step
 
-pytestmark = [pytest.mark.ddp, pytest.mark.component("Training Loop")]
+pytestmark = [pytest.mark.ddp, pytest.mark.component("Sharding (FSDP)")]
 
 # Independent of the code under test: the torch releases whose FSDP2 runs on CPU (public
 # torch.distributed.fsdp.fully_shard, 2.6 on).
@@ -69,6 +69,14 @@ STEP_WORKER = textwrap.dedent("""
                                grad_clip=CLIP)
             losses.append(stats.loss)
             norms.append(stats.grad_norm)
+        # one more step whose loss is infinite on rank 1 only: every rank must skip it (the final
+        # weights below are then those of the 3 steps)
+        real = loss_module.forward
+        if env.rank == 1:
+            loss_module.forward = lambda *a: real(*a) * float("inf")
+        stats = train_step(loss_module, opt, [(idx, targets)], env, grad_clip=CLIP)
+        with open(f"{out}/nonfinite{env.rank}.txt", "w") as f:
+            f.write(f"{stats.applied} {stats.nonfinite}")
         sizes = sharding.local_state_bytes(model, opt)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if env.rank == 0:
@@ -106,7 +114,7 @@ def fsdp_run(tmp_path_factory):
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
     """Losses per step and final weights of FSDP 2 x b (accumulation 2, clipping, grad checkpointing)
-    equal one unsharded process with batch 2b."""
+    equal one unsharded process with batch 2b; a non-finite loss on one rank is skipped by all."""
     model = make_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -121,6 +129,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
         ranks = load_file(str(fsdp_run / f"rank{r}.safetensors"))
         torch.testing.assert_close(ranks["loss"], torch.tensor(ref_losses), rtol=1e-6, atol=0)
         torch.testing.assert_close(ranks["norm"], torch.tensor(ref_norms), rtol=1e-5, atol=0)
+    # the step with an infinite loss on rank 1 only was skipped by both ranks
+    assert (fsdp_run / "nonfinite1.txt").read_text() == "False loss (micro-batch 1)"
+    assert (fsdp_run / "nonfinite0.txt").read_text().startswith("False ")
     got = load_file(str(fsdp_run / "weights.safetensors"))
     assert got.keys() == model.state_dict().keys()
     moved = 0

@@ -185,7 +185,7 @@ def clean_stale(root: str | os.PathLike) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
+def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict | None, dict, dict]:
     """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable.
 
     A sharded checkpoint has no optimizer.pt (its optimizer state is in dcp/): optimizer_state is None.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -182,11 +183,32 @@ def load_shards(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optim
 
     sd = _state_dicts(model, optimizer)
     try:
-        dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
-    except Exception as exc:  # DCP raises CheckpointException and others for missing/corrupt shards
-        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {type(exc).__name__}: "
-                              f"{exc}".splitlines()[0]) from exc
+        with _quiet_logging():
+            dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
+    except (Exception, dcp.CheckpointException) as exc:  # (CheckpointException is a BaseException)
+        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {_describe(exc)}") from exc
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """DCP logs each failed read with its traceback (to the root logger) before raising; the caller
+    turns the failure into one line, so those logs are held back while loading."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: DCP wraps each rank's failure in a CheckpointException whose text is a traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))  # (exception, traceback frames) of the first failed rank
+        exc = first[0] if isinstance(first, tuple) else first
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -211,11 +233,10 @@ def load_full_model(ckpt: str | Path) -> RWKV7:
     model = RWKV7(read_config(ckpt))
     sd = {"model": model.state_dict()}
     try:
-        with warnings.catch_warnings():  # "no process group: loading in a single process" is the point
+        with warnings.catch_warnings(), _quiet_logging():  # no process group: one process is the point
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {type(exc).__name__}: "
-                              f"{exc}".splitlines()[0]) from exc
+    except (Exception, dcp.CheckpointException) as exc:
+        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {_describe(exc)}") from exc
     model.load_state_dict(sd["model"])
     return model

@@ -86,8 +86,9 @@ class TrainConfig:
 
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
-                     "progress", "grad_checkpoint", "grad_checkpoint_len", "reshard_after_forward"}  # memory settings; segments change
-# gradients at rounding level only (a resume that keeps them stays bit-exact)
+                     "progress", "grad_checkpoint", "grad_checkpoint_len",  # memory settings; segments change
+                     "reshard_after_forward"}  # gradients at rounding level only (a resume that keeps them
+# stays bit-exact); reshard_after_forward only decides when FSDP frees gathered weights
 
 
 @dataclass
