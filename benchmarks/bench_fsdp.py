@@ -51,6 +51,7 @@ def worker(cfg: dict, out: str) -> None:
         torch.manual_seed(0)
         model = RWKV7(RWKV7Config(vocab_size=cfg["vocab"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
                                   head_size=64))
+        model.grad_checkpointing = cfg["grad_checkpoint"]
         if cfg["mode"] == "fsdp":
             sharding.shard_model(model, env)
             module: torch.nn.Module = sharding.ShardedLossModule(model)
@@ -143,19 +144,17 @@ def main() -> None:
     base = {"vocab": a.vocab, "n_embd": a.n_embd, "n_layer": a.n_layer, "ctx_len": a.ctx_len,
             "batch": a.batch, "steps": a.steps}
     results = {}
-    for mode in ("ddp", "fsdp"):
-        t0 = time.perf_counter()
-        results[mode] = run_config(dict(base, mode=mode), a.world)
-        print(f"{mode}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    for gc in (False, True):  # activations as they are, then per-block activation checkpointing
+        for mode in ("ddp", "fsdp"):
+            t0 = time.perf_counter()
+            results[(mode, gc)] = run_config(dict(base, mode=mode, grad_checkpoint=gc), a.world)
+            print(f"{mode} grad_checkpoint={gc}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            Path(a.out).with_suffix(".json").write_text(json.dumps({f"{m} gc={g}": v for (m, g), v in results.items()}))
     load_after = os.getloadavg()[0]
 
     P = n_params(a)
-    ddp, fsdp = results["ddp"], results["fsdp"]
-    same_losses = all(d["losses"] == f["losses"] for d, f in zip(ddp, fsdp, strict=True))
-    max_rel = max(abs(x - y) / abs(y) for d, f in zip(ddp, fsdp, strict=True)
-                  for x, y in zip(f["losses"], d["losses"], strict=True))
-    peak = {m: max(r["peak_growth_mb"] for r in rs) for m, rs in results.items()}
-    step = {m: max(r["step_s"] for r in rs) for m, rs in results.items()}
+    peak = {k: max(r["peak_growth_mb"] for r in rs) for k, rs in results.items()}
+    step = {k: max(r["step_s"] for r in rs) for k, rs in results.items()}
     cmd = "flock /tmp/rwkvslice-heavy.lock python benchmarks/bench_fsdp.py " + " ".join(sys.argv[1:])
     lines = [
         "# FSDP2 vs DDP: per-rank memory and step time (CPU, gloo)",
@@ -179,22 +178,31 @@ def main() -> None:
         lines.append(f"- {a.note}")
     lines += [
         "",
-        "| shard | rank | peak RSS growth (MiB) | params held (MiB) | AdamW state held (MiB) | step (s) |",
-        "|---|---|---|---|---|---|",
+        "| activations | shard | rank | peak RSS growth (MiB) | params held (MiB) | AdamW state held (MiB) "
+        "| step (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for mode, rs in results.items():
+    for (mode, gc), rs in results.items():
         for r in rs:
-            lines.append(f"| {'none (DDP)' if mode == 'ddp' else 'fsdp'} | {r['rank']} | {r['peak_growth_mb']:,.0f} | "
-                         f"{r['params_local'] / 2**20:,.0f} | {r['optim_local'] / 2**20:,.0f} | {r['step_s']:.2f} |")
-    lines += [
-        "",
-        f"- FSDP per-rank peak / DDP per-rank peak (the larger rank of each): **{peak['fsdp'] / peak['ddp']:.0%}** "
-        f"(goal: at most 60 %).",
-        f"- FSDP step time / DDP step time: {step['fsdp'] / step['ddp']:.2f}x.",
-        f"- Losses per step: {'identical' if same_losses else f'equal to {max_rel:.1e} relative'} between DDP "
-        f"and FSDP (rank 0: {', '.join(f'{x:.6f}' for x in fsdp[0]['losses'])}).",
-        "",
-    ]
+            lines.append(f"| {'checkpointed' if gc else 'kept'} | {'none (DDP)' if mode == 'ddp' else 'fsdp'} "
+                         f"| {r['rank']} | {r['peak_growth_mb']:,.0f} | {r['params_local'] / 2**20:,.0f} "
+                         f"| {r['optim_local'] / 2**20:,.0f} | {r['step_s']:.2f} |")
+    lines.append("")
+    for gc in (False, True):
+        ddp, fsdp = results[("ddp", gc)], results[("fsdp", gc)]
+        same = all(d["losses"] == f["losses"] for d, f in zip(ddp, fsdp, strict=True))
+        max_rel = max(abs(x - y) / abs(y) for d, f in zip(ddp, fsdp, strict=True)
+                      for x, y in zip(f["losses"], d["losses"], strict=True))
+        ratio = peak[("fsdp", gc)] / peak[("ddp", gc)]
+        lines += [
+            f"**Activations {'checkpointed per block (--grad-checkpoint)' if gc else 'kept (default)'}**: "
+            f"FSDP per-rank peak / DDP per-rank peak (the larger rank of each) **{ratio:.0%}** (goal: at most "
+            f"60 %); step time FSDP / DDP {step[('fsdp', gc)] / step[('ddp', gc)]:.2f}x; losses per step "
+            f"{'identical' if same else f'equal to {max_rel:.1e} relative'} (FSDP rank 0: "
+            f"{', '.join(f'{x:.6f}' for x in fsdp[0]['losses'])}; DDP rank 0: "
+            f"{', '.join(f'{x:.6f}' for x in ddp[0]['losses'])}).",
+            "",
+        ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
