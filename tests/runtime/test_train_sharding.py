@@ -17,7 +17,7 @@ from rwkvslice.train import checkpoint as ckpt_io
 from rwkvslice.train import sharding
 from rwkvslice.train.distributed import DistEnv
 from rwkvslice.train.optim import build_optimizer
-from rwkvslice.train.step import train_step
+from rwkvslice.train.step import LossModule, train_step
 
 pytestmark = pytest.mark.component("Sharding (FSDP)")
 
@@ -110,10 +110,14 @@ def group(tmp_path):
         dist.destroy_process_group()
 
 
-def _sharded(seed: int):
+def _plain(seed: int):
     torch.manual_seed(seed)
-    model = RWKV7(RWKV7Config(vocab_size=64, n_embd=32, n_layer=2, head_size=16))
-    sharding.shard_model(model, DistEnv(0, 2, 0, CPU))  # (only env.device is read)
+    return RWKV7(RWKV7Config(vocab_size=320, n_embd=32, n_layer=2, head_size=16))  # the byte vocab
+
+
+def _sharded(seed: int, precision: str = "fp32"):
+    model = _plain(seed)
+    sharding.shard_model(model, DistEnv(0, 2, 0, CPU), precision=precision)  # (only env.device is read)
     return model, build_optimizer(model, lr=1e-2, weight_decay=0.1)
 
 
@@ -121,7 +125,7 @@ def _sharded(seed: int):
 def test_sharded_checkpoint_round_trip(tmp_path, group):
     model, opt = _sharded(0)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-    idx = torch.randint(0, 64, (2, 8))
+    idx = torch.randint(0, 320, (2, 8))
     stats = train_step(sharding.ShardedLossModule(model), opt, [(idx[:1], idx[:1]), (idx[1:], idx[1:])], group,
                        grad_clip=0.5)
     assert stats.applied and stats.grad_norm > 0.5
@@ -141,6 +145,12 @@ def test_sharded_checkpoint_round_trip(tmp_path, group):
     assert plain.config == model.config
     for k, v in plain.state_dict().items():
         assert torch.equal(v, want[k]), k
+    from rwkvslice.generate.loading import load_model
+
+    loaded, tok, weights, _ = load_model(tmp_path, tokenizer="byte")  # `rwkvslice generate --ckpt RUN`
+    assert weights == path and tok.name == "byte"
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
 
     other, other_opt = _sharded(1)  # other weights, fresh AdamW: everything must come from the checkpoint
     sharding.load_shards(path, other, other_opt)
@@ -157,7 +167,7 @@ def test_sharded_checkpoint_round_trip(tmp_path, group):
 def test_nonfinite_gradient_shard_skips_the_update(group):
     model, opt = _sharded(0)
     before = {k: sharding.local_part(v).clone() for k, v in model.state_dict().items()}
-    idx = torch.randint(0, 64, (1, 8))
+    idx = torch.randint(0, 320, (1, 8))
     lm = sharding.ShardedLossModule(model)
     real = lm.forward
     lm.forward = lambda *a: real(*a) * float("inf")  # type: ignore[method-assign]
@@ -180,3 +190,31 @@ def test_broken_sharded_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError) as info:
         sharding.load_full_model(ckpt)
     assert _one_line(info).startswith(f"{ckpt}: cannot read sharded checkpoint")
+
+
+@needs_cpu_fsdp
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_gradients(group):
+    """MixedPrecisionPolicy(bf16 params, fp32 reduce): the sharded weights, their gradients and AdamW's
+    moments stay fp32; the loss equals the unsharded bf16-autocast step's to bf16 precision."""
+    idx = torch.randint(0, 320, (2, 16))
+    ref_model = _plain(0)
+    ref = train_step(LossModule(ref_model), build_optimizer(ref_model, lr=1e-2, weight_decay=0.1), [(idx, idx)],
+                     group, precision="bf16")
+    model, opt = _sharded(0, precision="bf16")
+    grads = {}
+    real_step = opt.step
+
+    def step(*args, **kwargs):
+        grads.update({n: p.grad for n, p in model.named_parameters()})
+        return real_step(*args, **kwargs)
+
+    opt.step = step  # type: ignore[method-assign]
+    stats = train_step(sharding.ShardedLossModule(model), opt, [(idx, idx)], group, precision="bf16")
+    assert stats.applied
+    assert stats.loss == pytest.approx(ref.loss, rel=2e-2)  # bf16 has an 8-bit mantissa: ~0.4 % per op
+    assert stats.loss != ref.loss  # the policy's bf16 parameter cast is in effect (it changes the rounding)
+    for name, p in model.named_parameters():
+        assert sharding.local_part(p).dtype == torch.float32, name
+        assert sharding.local_part(grads[name]).dtype == torch.float32, name
+    for state in opt.state.values():
+        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
