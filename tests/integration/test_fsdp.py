@@ -278,11 +278,16 @@ def test_cli_fsdp_matches_one_process_resumes_after_sigkill_and_exports(tmp_path
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("rwkvslice: error: --resume: --shard"), proc.stderr
 
-    # export: the official .pth runs in the `rwkv` package with the trained model's logits
+    # export: the official .pth runs in the `rwkv` package with the trained model's logits; the
+    # safetensors directory holds the same tensors
     pth = tmp_path / "model.pth"
     proc = subprocess.run([sys.executable, "-m", "rwkvslice.cli", "export", "--ckpt", str(ref), "--official",
-                           str(pth)], capture_output=True, text=True, timeout=120, env=env)
+                           str(pth), "--safetensors", str(tmp_path / "exported")], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))  # and the safetensors layout
+    assert exported.keys() == ours.keys() and all(torch.equal(exported[k], ours[k]) for k in ours)
+    assert json.loads((tmp_path / "exported" / "run.json").read_text())["tokenizer"] == "byte"
     os.environ["RWKV_V7_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ["RWKV_CUDA_ON"] = "0"
