@@ -97,12 +97,15 @@ COMPONENTS: dict[str, list[str]] = {
     "PEFT": ["rwkvslice/peft/*"],
     "Held-out Evaluation": ["rwkvslice/train/evaluate.py", "rwkvslice/cli/eval.py:data_loss"],
     "Clean Stop": ["rwkvslice/train/stopping.py"],
+    "Sharding (FSDP)": ["rwkvslice/train/sharding.py"],
 }
 # Rows for checks that are about the repository as a whole (ruff, mypy, docs agreement): Static column only.
 PROJECT_ROW = "Project-wide"
 
 # Test file -> component, for tests without an explicit @pytest.mark.component (first match wins).
 TEST_FILES: list[tuple[str, str]] = [
+    ("tests/*/test_fsdp*", "Sharding (FSDP)"),
+    ("tests/*/test_train_sharding*", "Sharding (FSDP)"),
     ("tests/static/test_cuda_*", "CUDA Kernels"),
     ("tests/*/test_*cuda*", "CUDA Kernels"),
     ("tests/*/test_wkv7_host*", "CUDA Kernels"),

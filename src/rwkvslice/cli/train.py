@@ -128,6 +128,22 @@ def add_parser(subparsers) -> None:
         help="skip a step whose loss or gradient is not finite instead of stopping",
     )
 
+    d = p.add_argument_group("distributed (under torchrun)")
+    d.add_argument(
+        "--shard",
+        choices=("none", "fsdp"),
+        default="none",
+        help="none: DDP, a full copy of weights, gradients and AdamW state per process (default); fsdp: "
+        "FSDP2 shards all three over the processes (for models too large for DDP)",
+    )
+    d.add_argument(
+        "--reshard-after-forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fsdp: free each block's gathered weights after its forward and gather them again in "
+        "backward (default; least memory); --no-reshard-after-forward keeps them (less communication)",
+    )
+
     r = p.add_argument_group("output")
     r.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, metrics.jsonl)")
     r.add_argument(
@@ -183,6 +199,8 @@ def _config_from_args(args: argparse.Namespace):
         raise ConfigError("--init-from takes the model shape from the checkpoint; drop --model")
     if not args.demo and not args.data:
         raise ConfigError("no training data: pass --data PATH or --demo")
+    if args.demo and args.shard == "fsdp":
+        raise ConfigError("--demo evaluates its small model in one process; --shard fsdp needs --data")
     base = TrainConfig(out=args.out)
     defaults = dict(DEMO_DEFAULTS) if args.demo else {}
     tune_values = _tune_values(args, base)
@@ -232,6 +250,8 @@ def _config_from_args(args: argparse.Namespace):
         keep_best=args.keep_best,
         max_time=args.max_time,
         tensorboard=args.tensorboard,
+        shard=args.shard,
+        reshard_after_forward=args.reshard_after_forward,
         **values,
     )
 

@@ -40,12 +40,15 @@ def load_model(ckpt: str | Path, *, device: str = "cpu", tokenizer: str | None =
 
 def load_weights(weights: Path, map_location: str = "cpu"):
     """The model a weights directory holds: a --tune lora/state checkpoint's tuned model (its base plus the
-    trainable tensors, LoRA merged), else the saved weights."""
+    trainable tensors, LoRA merged), a --shard fsdp checkpoint reassembled, else the saved weights."""
     from rwkvslice.model import RWKV7
     from rwkvslice.peft.tuning import is_tuned_dir
+    from rwkvslice.train import sharding
 
     if is_tuned_dir(weights):
         return load_tuned_model(weights)
+    if sharding.is_sharded_checkpoint(weights):  # a --shard fsdp checkpoint: reassembled from the shards
+        return sharding.load_full_model(weights)
     return RWKV7.from_pretrained(weights, map_location=map_location)
 
 

@@ -6,6 +6,8 @@ Layout of OUT/checkpoints/step-00000120/:
     optimizer.pt                     optimizer.state_dict()
     trainer_state.pt                 step, schedule, RNG states of every rank, data-loader position
     run.json                         human-readable: step, tokenizer, training arguments
+A sharded run (`--shard fsdp`, train/sharding.py) writes dcp/ (torch.distributed.checkpoint: the model
+and optimizer shards of every rank) and rwkvslice_config.json instead of the weights + optimizer.pt.
 
 Writing: everything goes into a hidden temporary directory next to the final one, every file and the
 directory are fsync'ed, then one `os.rename` publishes it and the parent directory is fsync'ed. A process
@@ -36,6 +38,8 @@ REQUIRED_FILES = (*WEIGHT_FILES, "optimizer.pt", "trainer_state.pt", "run.json")
 # of the weights: peft.safetensors + peft.json (+ the model config).
 TUNED_REQUIRED_FILES = ("peft.safetensors", "peft.json", "rwkvslice_config.json", "optimizer.pt",
                         "trainer_state.pt", "run.json")
+# A sharded run (--shard fsdp, train/sharding.py): the ranks' DCP shards instead of the weights and optimizer.
+SHARDED_REQUIRED_FILES = ("dcp/.metadata", "rwkvslice_config.json", "trainer_state.pt", "run.json")
 # the names of rwkvslice <= 0.1 checkpoints (HF directories use them too), read as well
 OLD_NAMES = {WEIGHTS_FILE: "model.safetensors", "rwkvslice_config.json": "config.json"}
 
@@ -49,8 +53,9 @@ def _first_missing(path: Path, files) -> str | None:
 
 
 def is_complete(path: Path) -> bool:
-    """Does `path` hold a whole checkpoint (full weights, or a tuned run's trainable tensors)?"""
-    return any(_first_missing(path, files) is None for files in (REQUIRED_FILES, TUNED_REQUIRED_FILES))
+    """Does `path` hold a whole checkpoint (full weights, a tuned run's trainable tensors, or shards)?"""
+    return any(_first_missing(path, files) is None
+               for files in (REQUIRED_FILES, TUNED_REQUIRED_FILES, SHARDED_REQUIRED_FILES))
 
 
 def fsync_path(path: Path) -> None:
@@ -125,11 +130,14 @@ def save_checkpoint(
     run_info: dict,
     keep: int = 3,
     protect: tuple[str, ...] = (),
+    sharded_state: Path | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step-XXXXXXXX atomically, then delete all but the newest `keep`.
 
     `model` is the unwrapped model (not the DDP wrapper); `protect` names checkpoint directories that
     are never rotated away (the --keep-best one). Returns the final directory.
+    `sharded_state`: a directory of DCP shards every rank wrote (sharding.save_shards); it is moved in as
+    dcp/ in place of the weights and optimizer.pt, and only the model config is written from `model`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -139,8 +147,15 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded_state is not None:
+            os.rename(sharded_state, tmp / "dcp")
+            from rwkvslice.model.official import NATIVE_CONFIG_FILE, NATIVE_MODEL_TYPE
+
+            config = {"model_type": NATIVE_MODEL_TYPE, **model.config.to_dict()}
+            (tmp / NATIVE_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            _write_weights(model, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(to_plain(dict(trainer_state, step=step)), tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(dict(run_info, step=step), indent=2, default=str) + "\n")
         for f in tmp.iterdir():
@@ -198,17 +213,22 @@ def clean_stale(root: str | os.PathLike) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict, dict, dict]:
-    """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable."""
+def load_trainer_files(ckpt: str | os.PathLike, map_location="cpu") -> tuple[dict | None, dict, dict]:
+    """(optimizer_state, trainer_state, run_info) of a checkpoint; CheckpointError if unreadable.
+
+    A sharded checkpoint has no optimizer.pt (its optimizer state is in dcp/): optimizer_state is None.
+    """
     ckpt = Path(ckpt)
-    files = TUNED_REQUIRED_FILES if (ckpt / "peft.json").is_file() else REQUIRED_FILES
+    sharded = _first_missing(ckpt, SHARDED_REQUIRED_FILES) is None
+    files = (SHARDED_REQUIRED_FILES if sharded else TUNED_REQUIRED_FILES if (ckpt / "peft.json").is_file()
+             else REQUIRED_FILES)
     missing = _first_missing(ckpt, files)
     if missing:
         raise CheckpointError(f"{ckpt}: not a training checkpoint (missing {missing})")
     from rwkvslice.model.official import torch_load_weights_only
 
     try:
-        optim_state = torch_load_weights_only(ckpt / "optimizer.pt", map_location=map_location)
+        optim_state = None if sharded else torch_load_weights_only(ckpt / "optimizer.pt", map_location=map_location)
         trainer_state = torch_load_weights_only(ckpt / "trainer_state.pt", map_location="cpu")
         run_info = json.loads((ckpt / "run.json").read_text())
     except CheckpointError:  # a refused pickle: the message names the file already
@@ -223,7 +243,8 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if _first_missing(path, WEIGHT_FILES) is None or (path / "peft.json").is_file():  # ours, older, HF, tuned
+    if (_first_missing(path, WEIGHT_FILES) is None or (path / "peft.json").is_file()
+            or (path / "dcp" / ".metadata").is_file()):  # ours, older, HF, tuned, or sharded (sharding.py reads it)
         return path
     latest = latest_checkpoint(path / "checkpoints")
     if latest is not None:

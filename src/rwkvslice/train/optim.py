@@ -36,7 +36,8 @@ def is_w0(name: str) -> bool:
 
 def wants_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Official rule: at least 2 non-trivial dims and ".weight" in the name."""
-    return param.squeeze().dim() >= 2 and ".weight" in name
+    # (dims of size != 1 counted from the shape: squeeze() is not defined on an FSDP-sharded DTensor)
+    return sum(d != 1 for d in param.shape) >= 2 and ".weight" in name
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

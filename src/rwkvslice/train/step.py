@@ -66,9 +66,13 @@ class StepStats:
 
 
 def first_nonfinite_grad(named_params) -> str | None:
+    """The first parameter whose gradient (this rank's shard of it, under FSDP) is not finite."""
     for name, p in named_params:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return name
+        grad = p.grad
+        if grad is not None:
+            to_local = getattr(grad, "to_local", None)  # a DTensor: check the local shard, no collective
+            if not torch.isfinite(to_local() if callable(to_local) else grad).all():
+                return name
     return None
 
 
@@ -122,8 +126,8 @@ def train_step(
         bad = first_nonfinite_grad(named)
         if bad is not None:
             nonfinite = f"gradient of {bad}"
-    # ranks agree: after the all-reduce every rank holds the same gradients, but a non-finite loss on one
-    # rank must stop all of them
+    # ranks agree: after DDP's all-reduce every rank holds the same gradients (under FSDP each holds its
+    # own shard of them), and a non-finite loss on one rank must stop all of them
     flag = all_reduce_sum(torch.tensor([0.0 if nonfinite is None else 1.0], device=device), env)
     if flag.item() > 0 and nonfinite is None:
         nonfinite = "loss or gradient on another rank"

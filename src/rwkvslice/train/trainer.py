@@ -26,6 +26,7 @@ from rwkvslice.peft import run as peft_run
 from rwkvslice.peft.lora import DEFAULT_TARGETS, parse_targets
 from rwkvslice.peft.tuning import TuneSpec, keep_frozen_in_bf16, parse_parts
 from rwkvslice.train import checkpoint as ckpt_io
+from rwkvslice.train import sharding
 from rwkvslice.train.distributed import (
     DistEnv,
     all_gather_objects,
@@ -91,6 +92,8 @@ class TrainConfig:
     keep_best: bool = False  # also keep the checkpoint of the lowest eval_loss (OUT/best.json)
     max_time: float | None = None  # seconds; then checkpoint and stop (train/stopping.py)
     tensorboard: str | None = None  # also write the metrics here (train/tensorboard.py)
+    shard: str = "none"  # "none": DDP under torchrun; "fsdp": FSDP2 (train/sharding.py)
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward
 
     def tune_spec(self) -> TuneSpec:
         return TuneSpec(kind=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
@@ -112,7 +115,8 @@ class TrainConfig:
 # Arguments a resumed run may change; any other difference would change the trajectory.
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep", "resume", "device", "skip_nonfinite", "num_workers",
                      "progress", "grad_checkpoint", "grad_checkpoint_len",  # memory settings; segments change
-                     "max_time", "tensorboard"}
+                     "max_time", "tensorboard",
+                     "reshard_after_forward"}  # only decides when FSDP frees gathered weights
 # gradients at rounding level only (a resume that keeps them stays bit-exact)
 
 
@@ -158,6 +162,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data is None:
         raise ConfigError("no training data: pass --data PATH (or --demo)")
     cfg.tune_spec().validate()
+    # Not composed yet (refused rather than run wrong): a tuned run's checkpoint holds only its trainable
+    # tensors while DCP saves every shard, and held-out evaluation gives ranks uneven batch counts, which
+    # under FSDP (every forward a collective) would hang.
+    if cfg.shard == "fsdp" and cfg.tune != "full":
+        raise ConfigError(f"--shard fsdp does not support --tune {cfg.tune} yet; use DDP (--shard none)")
+    if cfg.shard == "fsdp" and cfg.eval_data is not None:
+        raise ConfigError("--shard fsdp does not support --eval-data yet; evaluate checkpoints with `rwkvslice eval`")
     for name in ("eval_every", "eval_batches"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -278,6 +289,7 @@ def train(cfg: TrainConfig, *, after_step: StepHook | None = None, log: Callable
     own_env = env is None
     env = env or setup_distributed(cfg.device)
     try:
+        sharding.check_launch(cfg.shard, env)
         return _train(cfg, env, after_step, log or (lambda m: print(m, file=sys.stderr)), started)
     finally:
         if own_env:
@@ -313,7 +325,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
     if latest is not None:
         optim_state, trainer_state, run_info = ckpt_io.load_trainer_files(latest, map_location=env.device)
         _check_resume_args(cfg, run_info, Path(latest), env.world_size)
-        if cfg.tune == "full":
+        if sharding.is_sharded_checkpoint(latest):  # weights come from the shards once sharded (below)
+            model = RWKV7(sharding.read_config(latest))
+        elif cfg.tune == "full":
             model = RWKV7.from_pretrained(latest)
         else:  # the checkpoint holds only the trainable tensors: rebuild the base, check it, load them
             model = build_model(cfg, tokenizer)
@@ -338,6 +352,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
     model.train()
     model.grad_checkpointing = cfg.grad_checkpoint or cfg.grad_checkpoint_len is not None
     model.grad_checkpoint_len = cfg.grad_checkpoint_len
+    if cfg.shard == "fsdp":  # before the optimizer: it must hold the sharded parameters
+        sharding.shard_model(model, env, precision=cfg.precision, reshard_after_forward=cfg.reshard_after_forward)
 
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.adam_eps)
@@ -346,7 +362,10 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
     loader = ResumableLoader(dataset, cfg.batch_size, seed=cfg.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=cfg.num_workers)
     if latest is not None:
-        optimizer.load_state_dict(optim_state)
+        if optim_state is None:  # a sharded checkpoint: weights and optimizer state from dcp/
+            sharding.load_shards(latest, model, optimizer)
+        else:
+            optimizer.load_state_dict(optim_state)
         schedule.load_state_dict(trainer_state["schedule"])
         loader.load_state_dict(trainer_state["loader"])
         rngs = trainer_state["rng"]
@@ -357,7 +376,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
             log(f"resuming from {latest} (step {start_step})")
 
     loss_module: torch.nn.Module = LossModule(model)
-    if env.distributed:
+    if cfg.shard == "fsdp":
+        loss_module = sharding.ShardedLossModule(model)
+    elif env.distributed:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
@@ -460,12 +481,15 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
 def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env, held_out=None) -> Path:
     rngs = all_gather_objects(capture_rng_state(), env)  # collective: every rank takes part
     path = Path(root) / ckpt_io.step_dir_name(step)
+    # fsdp: every rank writes its shards first (collective); rank 0 then publishes them with the rest
+    staged = sharding.save_shards(root, step, model, optimizer, env) if cfg.shard == "fsdp" else None
     if env.is_main:
         trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs,
                          "eval": held_out.state_dict() if held_out is not None else {}}
         best = held_out.best_step if held_out is not None and cfg.keep_best else None
         path = ckpt_io.save_checkpoint(root, step, model=model, optimizer=optimizer,
                                        trainer_state=trainer_state, run_info=run_info, keep=cfg.keep,
-                                       protect=() if best is None else (ckpt_io.step_dir_name(best),))
+                                       protect=() if best is None else (ckpt_io.step_dir_name(best),),
+                                       sharded_state=staged)
     barrier(env)
     return path

@@ -1,0 +1,244 @@
+"""`--shard fsdp`: sharded data parallelism with FSDP2 (`fully_shard`) and sharded checkpoints (DCP).
+
+DDP keeps a full copy of the weights, gradients and AdamW moments on every rank (16 bytes per fp32
+parameter). FSDP2 shards all three over the ranks: each rank owns 1/world_size of every parameter (a
+DTensor sharded on dim 0), all-gathers a block's parameters just before the block runs and frees them
+after it (`reshard_after_forward`, ZeRO-3-like; off keeps them until backward, ZeRO-2-like), and
+reduce-scatters the gradients so each rank receives only the slice it updates. The optimizer then runs
+on the local shards (AdamW's per-tensor loop works on DTensors unchanged).
+
+What the trainer needs from this module (the hooks are narrow on purpose):
+- `check_launch`: refuse `--shard fsdp` where it cannot run (no distributed launch, no FSDP2).
+- `shard_model`: `fully_shard` the embedding and each block, then the root; `model.loss` registered as a forward method,
+  since slicing calls `model.loss`, not `forward`. bf16 goes through FSDP2's MixedPrecisionPolicy.
+- `ShardedLossModule`: the LossModule whose `no_sync()` turns the gradient reduce-scatter off on the
+  non-final accumulation micro-batches (as DDP's `no_sync`).
+- `save_shards` / `load_shards`: torch.distributed.checkpoint of the model and optimizer state; every
+  rank writes its own shards, nothing is gathered on one rank. The checkpoint directory holds `dcp/`
+  instead of model.safetensors + optimizer.pt (checkpoint.py publishes it atomically as usual). All ranks
+  must see the same --out directory (one machine, or a shared file system).
+- `load_full_model`: a sharded checkpoint as a plain RWKV7 in one process (for `rwkvslice export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from rwkvslice.errors import CheckpointError, ConfigError
+from rwkvslice.model import RWKV7, RWKV7Config
+from rwkvslice.train.distributed import DistEnv, barrier
+from rwkvslice.train.step import LossModule
+
+SHARD_MODES = ("none", "fsdp")
+SHARDED_DIR = "dcp"  # inside a checkpoint directory: the DCP files (.metadata + one .distcp per rank)
+
+
+def fsdp_api(device: torch.device) -> SimpleNamespace:
+    """FSDP2's entry points, or a ConfigError saying why this torch cannot shard on `device`.
+
+    torch >= 2.6 exports FSDP2 from torch.distributed.fsdp and runs it on CPU (gloo) too; torch 2.5 has
+    it only as torch.distributed._composable.fsdp, and that version runs only on CUDA ("FSDP requires
+    CUDA for streams" at the first forward), so on CPU it is refused here instead.
+    """
+    try:
+        from torch.distributed.fsdp import (  # type: ignore[attr-defined]
+            FSDPModule,
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+    except ImportError:
+        if device.type == "cpu":
+            raise ConfigError(f"--shard fsdp on CPU needs torch >= 2.6 (FSDP2 in torch {torch.__version__} "
+                              "runs only on CUDA); use --shard none (DDP) or a newer torch") from None
+        try:
+            from torch.distributed._composable.fsdp import (  # type: ignore[no-redef]
+                FSDPModule,
+                MixedPrecisionPolicy,
+                fully_shard,
+                register_fsdp_forward_method,
+            )
+        except ImportError:
+            raise ConfigError(f"--shard fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch "
+                              f"{torch.__version__} lacks; use --shard none (DDP) or torch >= 2.6") from None
+    return SimpleNamespace(FSDPModule=FSDPModule, MixedPrecisionPolicy=MixedPrecisionPolicy,
+                           fully_shard=fully_shard, register_fsdp_forward_method=register_fsdp_forward_method)
+
+
+def check_launch(shard: str, env: DistEnv) -> None:
+    """Before any data or output: can `--shard` run in this launch?"""
+    if shard not in SHARD_MODES:
+        raise ConfigError(f"--shard must be one of {', '.join(SHARD_MODES)}, got {shard!r}")
+    if shard == "fsdp":
+        if not env.distributed:
+            raise ConfigError("--shard fsdp shards over the processes of a distributed launch, and this is a "
+                              "single process; run it under torchrun --nproc-per-node N (N >= 2)")
+        fsdp_api(env.device)
+
+
+def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_after_forward: bool = True) -> None:
+    """Shard `model` in place: one FSDP unit for the embedding and one per block (each all-gathered
+    just before it runs), then the root (final norm, head). Parameters become DTensors holding this rank's shard.
+
+    bf16: the all-gathered parameters are cast to bf16 for compute, gradients are reduced in fp32 and
+    the sharded master weights (and so AdamW's moments) stay fp32. No GradScaler: bf16 has fp32's range.
+    Frozen parameters (PEFT) are sharded like the rest; only trainable ones get gradients.
+    """
+    api = fsdp_api(env.device)
+    if precision == "bf16":
+        mp = api.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = api.MixedPrecisionPolicy()
+    # the embedding is its own unit (gathered only for the lookup and its backward: with a 65536-token
+    # vocab it is as large as several blocks); the head stays in the root, since model.loss hands
+    # head.weight to the sliced loss without calling the module
+    for unit in (model.emb, *model.blocks):
+        api.fully_shard(unit, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    api.fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    api.register_fsdp_forward_method(model, "loss")  # slicing runs model.loss, never forward
+
+
+class ShardedLossModule(LossModule):
+    """LossModule over a sharded model; `no_sync()` skips the gradient reduce-scatter of a micro-batch
+    (its unsharded gradients accumulate locally until the final micro-batch reduces them all)."""
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds of the parameters and the optimizer state, and of the whole model (for
+    tests and the benchmark: with FSDP each rank's share is about 1/world_size)."""
+    params = list(model.parameters())
+    local = sum(local_part(p).numel() * p.element_size() for p in params)
+    full = sum(p.numel() * p.element_size() for p in params)
+    state_local = state_full = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:  # moments (not the scalar step counts)
+                state_local += local_part(v).numel() * v.element_size()
+                state_full += v.numel() * v.element_size()
+    return {"params_local": local, "params_full": full, "optim_local": state_local, "optim_full": state_full}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint)
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded: each rank's DTensor shards
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    # a ".tmp-" name: clean_stale removes it when a process dies before checkpoint.py publishes it
+    return Path(root) / f".tmp-shards-step-{step:08d}"
+
+
+def save_shards(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                env: DistEnv) -> Path:
+    """Collective: every rank writes its shards of the model and optimizer state into a staging
+    directory under `root` (returned); rank 0 then moves it into the checkpoint (save_checkpoint's
+    `sharded_state`), which appears atomically. DCP fsyncs every file it writes."""
+    import torch.distributed.checkpoint as dcp
+
+    staged = staging_dir(Path(root), step)
+    if env.is_main:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        if staged.exists():
+            shutil.rmtree(staged)
+    barrier(env)
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(staged))
+    barrier(env)  # every rank's files are on disk before rank 0 publishes the directory
+    return staged
+
+
+def load_shards(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: restore the model and optimizer shards of a sharded checkpoint written by the same
+    number of ranks (the trainer refuses another world size: the data order would differ)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = _state_dicts(model, optimizer)
+    try:
+        with _quiet_logging():
+            dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
+    except (Exception, dcp.CheckpointException) as exc:  # (CheckpointException is a BaseException)
+        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {_describe(exc)}") from exc
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """DCP logs each failed read with its traceback (to the root logger) before raising; the caller
+    turns the failure into one line, so those logs are held back while loading."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: DCP wraps each rank's failure in a CheckpointException whose text is a traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))  # (exception, traceback frames) of the first failed rank
+        exc = first[0] if isinstance(first, tuple) else first
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def read_config(ckpt: str | Path) -> RWKV7Config:
+    from rwkvslice.model.official import NATIVE_CONFIG_FILE
+
+    path = Path(ckpt) / NATIVE_CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta.pop("model_type", None)
+        return RWKV7Config.from_dict(meta)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: cannot read the model config: {exc}".splitlines()[0]) from None
+
+
+def load_full_model(ckpt: str | Path) -> RWKV7:
+    """A sharded checkpoint as a plain RWKV7 on the CPU of one process (no process group): DCP
+    reassembles every parameter from the ranks' shards straight into the model's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    model = RWKV7(read_config(ckpt))
+    sd = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings(), _quiet_logging():  # no process group: one process is the point
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=str(Path(ckpt) / SHARDED_DIR))
+    except (Exception, dcp.CheckpointException) as exc:
+        raise CheckpointError(f"{ckpt}: cannot read sharded checkpoint: {_describe(exc)}") from exc
+    model.load_state_dict(sd["model"])
+    return model
