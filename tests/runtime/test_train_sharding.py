@@ -185,8 +185,8 @@ def test_broken_sharded_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError) as info:
         sharding.read_config(ckpt)
     assert _one_line(info).startswith(f"{ckpt / 'rwkvslice_config.json'}: cannot read the model config")
-    (ckpt / "rwkvslice_config.json").write_text('{"model_type": "rwkvslice", "vocab_size": 64, "n_embd": 32, "n_layer": 1, '
-                                      '"head_size": 16}')
+    (ckpt / "rwkvslice_config.json").write_text('{"model_type": "rwkvslice", "vocab_size": 64, "n_embd": 32, '
+                                                '"n_layer": 1, "head_size": 16}')
     with pytest.raises(CheckpointError) as info:
         sharding.load_full_model(ckpt)
     assert _one_line(info).startswith(f"{ckpt}: cannot read sharded checkpoint")
