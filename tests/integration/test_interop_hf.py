@@ -245,3 +245,37 @@ def test_bad_hf_directory_for_init_from_exits_2(tmp_path):
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert str(tmp_path / "base" / "config.json") in lines[0] and "'num_heads' (4)" in lines[0], lines
     assert not list(tmp_path.glob("run/checkpoints/step-*"))
+
+
+def test_a_lora_run_on_an_hf_base_exports_to_hf_with_the_adapters_merged(rwkv7_hf, tmp_path, capsys):
+    """--tune lora with an HF directory as --init-from (its identity: sha256 over the directory's files),
+    then `export --hf`: rwkv7-hf runs the merged export with the logits of our *unmerged* tuned model
+    (base + trained adapters as LoRALinear, built here from the checkpoint's tensors, not through merge)."""
+    from rwkv7_hf.converter import main as convert
+
+    from rwkvslice.cli import main as cli_main
+    from rwkvslice.model.hf import load_base
+    from rwkvslice.peft.tuning import load_trainable, prepare, read_tuned
+    from rwkvslice.train.checkpoint import latest_checkpoint
+
+    torch.save(official_state_dict(320, 128, 2, 64, (32, 32, 32, 64), layer0_v=True, seed=8), tmp_path / "o.pth")
+    convert(["--input", str(tmp_path / "o.pth"), "--output", str(tmp_path / "base"), "--precision", "fp32"])
+    (tmp_path / "data.txt").write_text("the quick brown fox jumps over the lazy dog\n\n" * 40)
+    assert cli_main(["train", "--init-from", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"),
+                     "--out", str(tmp_path / "run"), "--steps", "3", "--ctx-len", "16", "--batch-size", "2",
+                     "--tune", "lora", "--lora-r", "4", "--lr", "1e-2", "--no-progress"]) == 0
+    assert cli_main(["export", "--ckpt", str(tmp_path / "run"), "--hf", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+
+    spec, _, tensors, factors = read_tuned(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    unmerged = load_base(tmp_path / "base", RWKV7)
+    prepare(unmerged, spec, pissa_factors=factors or None)
+    load_trainable(unmerged, tensors, "run")
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in tensors.items())  # adapters moved
+    theirs = rwkv7_hf.RWKV7ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    base = rwkv7_hf.RWKV7ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    tokens = torch.arange(1, 33).view(1, -1)
+    with torch.no_grad():
+        ours = unmerged(tokens)
+        assert rms_rel(theirs(tokens).logits, ours) < TOL
+        assert rms_rel(base(tokens).logits, ours) > 100 * TOL  # the adapters changed the model visibly
