@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 
 def atomic_save(path: Path, write) -> None:
-    """`write(tmp)` into a temporary file next to `path`, fsync, rename over `path` (all or nothing)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`write(tmp)` into a temporary file next to `path`, fsync, rename over `path` (all or nothing):
+    the checkpoint writer's own helper (model/official.py)."""
+    from rwkvslice.model.official import _atomic_write
+
+    _atomic_write(Path(path), write)
 
 
 def sha256_file(path: str | Path) -> str:
