@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import _metric_lines, _run
 
 from rwkvslice.data import build_dataset, collate
 from rwkvslice.train.distributed import DistEnv
@@ -155,16 +156,6 @@ def _cmd(data, out, *extra):
             "--device", "cpu", *extra]
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def _lines(out):
-    p = out / "metrics.jsonl"
-    return len(p.read_text().splitlines()) if p.is_file() else 0
-
-
 @pytest.mark.slow  # two CLI runs of 10 steps plus a resume: ~30-60 s on 2 busy cores
 def test_pack_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     data = write_samples(tmp_path / "train.jsonl", 60, seed=2)
@@ -180,7 +171,7 @@ def test_pack_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     proc = subprocess.Popen(_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while _lines(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        while _metric_lines(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
         proc.send_signal(signal.SIGKILL)
