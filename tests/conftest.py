@@ -8,7 +8,8 @@ torch and loads this file too. Torch-dependent fixtures live in tests/runtime an
 - Fixtures `device` and `dtype`: the layer's device and compute dtype (RWKVSLICE_TEST_DEVICE /
   RWKVSLICE_TEST_DTYPE, set by the nox sessions: cpu/float32 in e2e_cpu, cuda/bfloat16 in e2e_gpu;
   default cpu/float32). torch is imported inside them, never at module level.
-- `slow`-marked tests are collected first (longest-first scheduling for pytest-xdist).
+- `slow`-marked tests are collected first (longest-first scheduling for pytest-xdist), those with the
+  largest `slow(seconds=N)` estimate first of all.
 - `@pytest.mark.component("Loss Computation")` tags a test with its coverage-table row; the tag goes
   into the JUnit XML as a property, which tools/coverage_table.py counts.
 """
@@ -59,8 +60,13 @@ def _cuda_status() -> tuple[bool, str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Longest first: `slow` tests start before the rest (stable order otherwise), so with pytest-xdist a long
-    # test never starts last and leaves the other workers idle at the end of the run.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # test never starts last and leaves the other workers idle at the end of the run. `slow(seconds=N)`
+    # ranks the few much longer ones (e.g. `train --demo`) ahead of the other slow tests.
+    def longest_first(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("seconds", 0)) if slow else 0.0
+
+    items.sort(key=longest_first)
     for item in items:
         for mark in item.iter_markers("component"):
             if len(mark.args) != 1 or not isinstance(mark.args[0], str):

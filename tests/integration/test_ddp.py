@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from cli_runs import run_in_process
 from safetensors.torch import load_file
 
 from rwkvslice.data import DemoTask
@@ -142,7 +143,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
             assert torch.equal(ranks[0][k], ranks[1][k]), k
 
 
-@pytest.mark.slow  # 20-50 s of subprocesses: integration runs it; the torch matrix skips it
+@pytest.mark.slow  # 2 rank processes + one run in this process: integration runs it; the torch matrix skips it
 def test_cli_under_torchrun_env_matches_single_process(tmp_path):
     """`rwkvslice train` with torchrun's env: rank 0 alone writes; losses equal a 1-process 2b run."""
     data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")
@@ -154,10 +155,7 @@ def test_cli_under_torchrun_env_matches_single_process(tmp_path):
     for rc, err in results:
         assert rc == 0, err[-3000:]
     single_out = tmp_path / "single"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "rwkvslice.cli", "train", "--out", str(single_out),
-                           "--batch-size", "8", *common], capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(["train", "--out", single_out, "--batch-size", "8", *common])  # cli_runs.py
 
     def recs(out):
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

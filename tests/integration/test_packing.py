@@ -13,15 +13,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
+from cli_runs import run_in_process, signal_after_steps
 from safetensors.torch import load_file
-from test_resume import _metric_lines, _run
 
 from rwkvslice.data import build_dataset, collate
 from rwkvslice.train.distributed import DistEnv
@@ -150,36 +148,26 @@ def test_two_ranks_with_packed_windows_equal_one_process(tmp_path):
 
 
 def _cmd(data, out, *extra):
-    return [sys.executable, "-m", "rwkvslice.cli", "train", "--data", str(data), "--out", str(out), "--pack",
-            "--model", "demo", "--ctx-len", "64", "--batch-size", "4", "--steps", "10", "--lr", "2e-3",
-            "--warmup-steps", "2", "--save-every", "1", "--keep", "2", "--seed", "3", "--no-progress",
-            "--device", "cpu", *extra]
+    return ["train", "--data", str(data), "--out", str(out), "--pack", "--model", "demo", "--ctx-len", "64",
+            "--batch-size", "4", "--steps", "10", "--lr", "2e-3", "--warmup-steps", "2", "--save-every", "1",
+            "--keep", "2", "--seed", "3", "--no-progress", "--device", "cpu", *extra]
 
 
-@pytest.mark.slow  # two CLI runs of 10 steps plus a resume: ~30-60 s on 2 busy cores
+@pytest.mark.slow  # one CLI process of 10 steps, killed, plus two runs in this process (cli_runs.py)
 def test_pack_run_resumes_bit_for_bit_after_sigkill(tmp_path):
     data = write_samples(tmp_path / "train.jsonl", 60, seed=2)
     ds = build_dataset(data, "byte", 64, pack=True)
     assert len(ds) >= 12 and any(int(collate([ds[i]])[2].sum()) > 1 for i in range(len(ds)))  # packs
-    _run(_cmd(data, tmp_path / "ref"))
+    run_in_process(_cmd(data, tmp_path / "ref"))
     ref = [(m["step"], m["loss"]) for m in metrics(tmp_path / "ref")]
     assert len(ref) == 10
 
     rng = random.Random()
     out = tmp_path / "run"
     kill_after = rng.randint(2, 7)
-    proc = subprocess.Popen(_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while _metric_lines(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    _run(_cmd(data, out, "--resume"))
+    rc = signal_after_steps(_cmd(data, out), out, kill_after, rng)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    run_in_process(_cmd(data, out, "--resume"))
     got = [(m["step"], m["loss"]) for m in metrics(out)]
     assert got == ref, f"killed after {kill_after} steps: {got} != {ref}"
     from rwkvslice.train.checkpoint import latest_checkpoint

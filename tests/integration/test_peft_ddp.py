@@ -1,16 +1,16 @@
 """DDP (2 gloo ranks) with LoRA and with state tuning equals one process with twice the batch.
 
 The ranks run `rwkvslice train` with torchrun's environment (file:// rendezvous, see test_ddp.py);
-the single process runs the same command at batch 2b. Tolerance as in test_ddp.py: losses rel 1e-5
-(fp32 sums in another order), trainable tensors norm-relative 1e-3 after AdamW (a float-noise gradient
-element can take a +-lr step on one side only; a normalisation bug moves every element by O(lr)).
+the single process runs the same command at batch 2b, through the CLI's main() in the test's process.
+Tolerance as in test_ddp.py: losses rel 1e-5 (fp32 sums in another order), trainable tensors
+norm-relative 1e-3 after AdamW (a float-noise gradient element can take a +-lr step on one side only; a
+normalisation bug moves every element by O(lr)).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,10 +23,11 @@ from rwkvslice.data import DemoTask
 pytestmark = [pytest.mark.ddp, pytest.mark.component("PEFT")]
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cli_runs import run_in_process  # noqa: E402
 from test_ddp import launch  # noqa: E402
 
 
-@pytest.mark.slow  # 3 CLI processes per case
+@pytest.mark.slow  # 2 CLI processes (the ranks) and one run in this process per case
 @pytest.mark.parametrize("tune", [["--tune", "lora", "--lora-r", "4"], ["--tune", "state"]], ids=["lora", "state"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, tune):
     data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")
@@ -44,10 +45,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, tune):
     for rc, err in results:
         assert rc == 0, err[-3000:]
     single_out = tmp_path / "single"
-    proc = subprocess.run([sys.executable, "-m", "rwkvslice.cli", "train", "--out", str(single_out),
-                           "--batch-size", "8", *common], capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(["train", "--out", single_out, "--batch-size", "8", *common])  # cli_runs.py
 
     def recs(out):
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

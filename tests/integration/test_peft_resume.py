@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from cli_runs import run_in_process, signal_after_steps
 from safetensors.torch import load_file
 
 from rwkvslice import RWKV7, RWKV7Config
@@ -102,43 +100,26 @@ def test_fresh_base_is_rebuilt_on_resume(tmp_path, data):
 
 
 def _cmd(data, base, out, tune, *extra):
-    return [sys.executable, "-m", "rwkvslice.cli", "train", "--data", str(data), "--out", str(out),
-            "--init-from", str(base), "--ctx-len", "32", "--batch-size", "8", "--steps", "10", "--lr", "2e-2",
-            "--warmup-steps", "2", "--save-every", "1", "--keep", "2", "--seed", "3", "--no-progress",
-            "--device", "cpu", "--tune", tune, *extra]
+    return ["train", "--data", str(data), "--out", str(out), "--init-from", str(base), "--ctx-len", "32",
+            "--batch-size", "8", "--steps", "10", "--lr", "2e-2", "--warmup-steps", "2", "--save-every", "1",
+            "--keep", "2", "--seed", "3", "--no-progress", "--device", "cpu", "--tune", tune, *extra]
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-@pytest.mark.slow  # 4 CLI processes, 20-60 s
+@pytest.mark.slow  # one CLI process, killed, plus two runs in this process (cli_runs.py): ~10-20 s each
 @pytest.mark.parametrize("tune", ["lora", "state"])
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, tune):
     data = DemoTask(seed=2).write_jsonl(tmp_path / "train.jsonl", 40, "train")
     base = write_base(tmp_path / "base.pth")
-    _run(_cmd(data, base, tmp_path / "ref", tune))
+    run_in_process(_cmd(data, base, tmp_path / "ref", tune))
     ref = losses(tmp_path / "ref")
     assert len(ref) == 10
 
     rng = random.Random()
     out = tmp_path / "run"
     kill_after = rng.randint(2, 8)
-    proc = subprocess.Popen(_cmd(data, base, out, tune), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        p = out / "metrics.jsonl"
-        while ((len(p.read_text().splitlines()) if p.is_file() else 0) < kill_after and proc.poll() is None
-               and time.monotonic() < deadline):
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2))  # anywhere in the step: forward, backward, checkpoint write
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    _run(_cmd(data, base, out, tune, "--resume"))
+    rc = signal_after_steps(_cmd(data, base, out, tune), out, kill_after, rng, jitter=0.2)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    run_in_process(_cmd(data, base, out, tune, "--resume"))
     assert losses(out) == ref, f"killed after {kill_after} steps"
     assert_same(tensors(out), tensors(tmp_path / "ref"))
     assert not [q for q in (out / "checkpoints").iterdir() if q.name.startswith(".")]

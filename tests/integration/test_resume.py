@@ -4,15 +4,12 @@ step, bit for bit on CPU, and ends with the same weights as a run that was never
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from cli_runs import run_in_process, signal_after_steps
 from safetensors.torch import load_file
 
 from rwkvslice.data import DemoTask
@@ -121,48 +118,28 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path, data, reference):
 
 # ---------------------------------------------------------------------------------------------------
 # The real thing: SIGKILL a `rwkvslice train` process at a random moment (save_every 1, so the kill
-# often lands inside a checkpoint write), resume it, compare with an uninterrupted process.
+# often lands inside a checkpoint write), resume it, compare with an uninterrupted run. The killed run
+# is a real process; the reference and the resume run through the CLI's main() here (cli_runs.py).
 
 def _cmd(data, out, *extra):
-    return [sys.executable, "-m", "rwkvslice.cli", "train", "--data", str(data), "--out", str(out),
-            "--model", "demo", "--ctx-len", "32", "--batch-size", "8", "--steps", "12", "--lr", "2e-3",
-            "--warmup-steps", "2", "--save-every", "1", "--keep", "2", "--seed", "3", "--no-progress",
-            "--device", "cpu", *extra]
+    return ["train", "--data", str(data), "--out", str(out), "--model", "demo", "--ctx-len", "32",
+            "--batch-size", "8", "--steps", "12", "--lr", "2e-3", "--warmup-steps", "2", "--save-every", "1",
+            "--keep", "2", "--seed", "3", "--no-progress", "--device", "cpu", *extra]
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def _metric_lines(out):
-    p = out / "metrics.jsonl"
-    return len(p.read_text().splitlines()) if p.is_file() else 0
-
-
-@pytest.mark.slow  # 20-50 s of subprocesses: integration runs it; the torch matrix skips it
+@pytest.mark.slow  # one CLI process of 12 steps, killed, plus two runs in this process: ~10-20 s
 def test_sigkill_at_a_random_moment_then_resume(tmp_path):
     data = DemoTask(seed=2).write_jsonl(tmp_path / "train.jsonl", 40, "train")
-    env = dict(os.environ)
-    _run(_cmd(data, tmp_path / "ref"))
+    run_in_process(_cmd(data, tmp_path / "ref"))
     ref = losses(tmp_path / "ref")
     assert len(ref) == 12
 
     rng = random.Random()
     out = tmp_path / "run"
     kill_after = rng.randint(2, 9)
-    proc = subprocess.Popen(_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while _metric_lines(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))  # anywhere in the step: forward, backward, checkpoint write
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    _run(_cmd(data, out, "--resume"))
+    rc = signal_after_steps(_cmd(data, out), out, kill_after, rng)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    run_in_process(_cmd(data, out, "--resume"))
     got = losses(out)
     assert got == ref, f"killed after {kill_after} steps: {got} != {ref}"
     assert_same_weights(weights(out), weights(tmp_path / "ref"))

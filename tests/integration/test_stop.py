@@ -188,13 +188,13 @@ def _metric_lines(out):
 
 @pytest.fixture(scope="module")
 def process_reference(tmp_path_factory, files):
+    """The uninterrupted run, through main() in this process (a reference only writes files: cli_runs.py)."""
     out = tmp_path_factory.mktemp("pref") / "run"
-    proc = subprocess.run([*CLI, *argv(files, out, steps=STEPS)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(argv(files, out, steps=STEPS)) == 0
     return logged(out), weights(out)
 
 
-@pytest.mark.slow  # 20-60 s of subprocesses
+@pytest.mark.slow  # one CLI process, signalled, and a resume in this process: 10-30 s
 @pytest.mark.parametrize("signals", [1, 2])
 def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_reference, signals):
     rng = random.Random()
@@ -224,9 +224,7 @@ def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_referen
         assert stopped.group(4) == str(latest_checkpoint(out / "checkpoints"))
     else:  # the second signal cut the save short
         assert signals == 2 and "rwkvslice: second SIGTERM: stopped at once without saving" in stderr, stderr
-    resumed = subprocess.run([*CLI, *argv(files, out, "--resume", steps=STEPS)], capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main(argv(files, out, "--resume", steps=STEPS)) == 0  # in this process
     assert logged(out) == process_reference[0], f"stopped after {wait_for}+ steps"
     assert_same_weights(weights(out), process_reference[1])
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
