@@ -1,21 +1,20 @@
 """DDP on CPU (gloo, file:// rendezvous): 2 ranks x batch b == 1 rank x batch 2b.
 
-Workers are plain subprocesses with RANK/WORLD_SIZE set the way torchrun sets them, a file:// rendezvous
-(RWKVSLICE_DIST_INIT: no port races), a collective timeout, and a hard wall-clock limit after which the
-test kills them; they are always reaped.
+Workers are processes (forks of the test process, cli_runs.py) with RANK/WORLD_SIZE set the way torchrun
+sets them, a file:// rendezvous (RWKVSLICE_DIST_INIT: no port races), a collective timeout, and a hard
+wall-clock limit after which the test kills them; they are always reaped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from cli_runs import run_in_process
+from cli_runs import fork, run_in_process
 from safetensors.torch import load_file
 
 from rwkvslice.data import DemoTask
@@ -96,7 +95,11 @@ def make_batch():
 
 
 def launch(tmp_path, argv_for_rank, timeout=180):
-    """Start WORLD ranks, wait, always reap. Returns their (returncode, stderr)."""
+    """Start WORLD ranks, wait, always reap. Returns their (returncode, stderr).
+
+    `argv_for_rank(rank)` is a command line `[sys.executable, "-c", SCRIPT, ...]` or `[sys.executable, "-m",
+    "rwkvslice.cli", ...]`; each rank runs it as a fork of this process (cli_runs.fork: no fresh
+    interpreter's imports), with torchrun's environment variables."""
     rdzv = tmp_path / "rdzv"
     procs = []
     try:
@@ -104,8 +107,9 @@ def launch(tmp_path, argv_for_rank, timeout=180):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                        RWKVSLICE_DIST_INIT=f"file://{rdzv}", RWKVSLICE_DIST_TIMEOUT="120",
                        OMP_NUM_THREADS="1")  # as torchrun does: one thread per rank on a 2-core box
-            procs.append(subprocess.Popen(argv_for_rank(rank), env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+            argv = argv_for_rank(rank)
+            assert argv[0] == sys.executable, argv[:1]
+            procs.append(fork(argv[1:], env=env))
         results = [p.communicate(timeout=timeout) for p in procs]
         return [(p.returncode, err) for p, (_, err) in zip(procs, results)]
     finally:

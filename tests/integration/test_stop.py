@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from cli_runs import fork
 from safetensors.torch import load_file
 from test_ddp import WORLD
 
@@ -177,7 +178,6 @@ def test_max_time_stops_like_a_signal_then_resumes_exactly(tmp_path, files, refe
 # ---------------------------------------------------------------------------------------------------
 # Real processes: SIGTERM (once, or twice in quick succession) at a random moment.
 
-CLI = [sys.executable, "-m", "rwkvslice.cli"]
 STEPS = 16
 
 
@@ -200,8 +200,7 @@ def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_referen
     rng = random.Random()
     out = tmp_path / "run"
     wait_for = rng.randint(2, 9)
-    proc = subprocess.Popen([*CLI, *argv(files, out, steps=STEPS)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = fork(["-m", "rwkvslice.cli", *argv(files, out, steps=STEPS)])  # a real process (cli_runs.py)
     try:
         deadline = time.monotonic() + 240
         while _metric_lines(out) < wait_for and proc.poll() is None and time.monotonic() < deadline:
@@ -243,8 +242,7 @@ def start_ranks(tmp_path, args, tag):
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                    RWKVSLICE_DIST_INIT=f"file://{rdzv}", RWKVSLICE_DIST_TIMEOUT="120", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        procs.append(fork(["-m", "rwkvslice.cli", *args], env=env))  # a real process (cli_runs.py)
     return procs
 
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-# 2-3 minutes on a 2-core CPU beside another test worker (scheduled first of all: conftest.py); the timeout leaves room for a loaded machine
+# 2-3 minutes on 2 cores beside another test worker (so it starts first: conftest.py); the timeout leaves
+# room for a loaded machine
 pytestmark = [pytest.mark.slow(seconds=150), pytest.mark.timeout(900), pytest.mark.component("Training Loop")]
 
 
