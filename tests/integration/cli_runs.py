@@ -13,6 +13,7 @@ imports when the optimizer is built), more on busy cores. So:
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import shutil
@@ -109,8 +110,22 @@ def _child(argv, env, out_path, err_path):
     exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
 
 
+@functools.cache
+def _import_once() -> None:
+    """What every training run imports, imported here once before the first fork, so no fork imports it
+    again (under coverage's tracer torch._dynamo alone, imported by torch.optim, takes 5-10 s)."""
+    import matplotlib.pyplot  # noqa: F401  (loss.png)
+    import torch
+
+    import rwkvslice.cli.train  # noqa: F401
+    import rwkvslice.train.trainer  # noqa: F401
+
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo the way torch.optim does
+
+
 def fork(argv, env=None) -> Forked:
     """Start `python ARGV` as a fork of this process (see the module docstring)."""
+    _import_once()
     return Forked(argv, env)
 
 
