@@ -131,3 +131,119 @@ def test_bad_targets_and_ranks_are_one_line_errors():
     with pytest.raises(ConfigError, match="--lora-init"):
         add_lora(model, init="svd")
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing was half-applied
+
+
+# ------------------------------------------------------------------------------------------------
+# _LoRALinearFn: the adapter as one autograd node that keeps only the parts of its input.
+
+from rwkvslice.model.rwkv7 import _mix  # noqa: E402
+from rwkvslice.peft.lora import _LoRALinearFn  # noqa: E402
+
+# (fn, shapes of the parts, which parts require grad): the four inputs the model gives its targets
+INPUT_KINDS = {
+    "plain": (None, [(2, 3, 5)], [True]),
+    "mix": (_mix, [(2, 3, 5), (2, 3, 5), (1, 1, 5)], [True, True, True]),  # x + xx * mu, mu trained too
+    "mix_frozen_mu": (_mix, [(2, 3, 5), (2, 3, 5), (1, 1, 5)], [True, True, False]),
+    "mul": (torch.mul, [(2, 3, 5), (2, 3, 5)], [True, True]),  # y * g
+    "square": (torch.square, [(2, 3, 5)], [True]),  # relu(k) ** 2
+    "no_input_grad": (None, [(2, 3, 5)], [False]),  # layer 0 below frozen embeddings: no dx at all
+}
+
+
+def _plain_lora(fn, s, W, A, B, *parts):
+    """The same maths through plain autograd (the reference)."""
+    u = parts[0] if fn is None else fn(*parts)
+    return F.linear(u, W) + F.linear(F.linear(u, A), B) * s
+
+
+def _fn_inputs(kind, dtype, train_weight=False):
+    fn, shapes, needs = INPUT_KINDS[kind]
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(4, 5, generator=g, dtype=dtype).requires_grad_(train_weight)
+    A = torch.randn(2, 5, generator=g, dtype=dtype).requires_grad_()
+    B = torch.randn(4, 2, generator=g, dtype=dtype).requires_grad_()
+    parts = [torch.randn(sh, generator=g, dtype=dtype).requires_grad_(n) for sh, n in zip(shapes, needs)]
+    return fn, [W, A, B, *parts]
+
+
+@pytest.mark.parametrize("kind", list(INPUT_KINDS))
+def test_lora_function_gradients_pass_gradcheck_and_match_plain_autograd_in_fp64(kind):
+    """gradcheck (central finite differences, fp64, its default atol 1e-5 / rtol 1e-3) for dW, dA, dB and
+    every part's gradient; and the plain-autograd reference of the same maths to 1e-12 (fp64 rounding)."""
+    fn, inputs = _fn_inputs(kind, torch.float64, train_weight=True)
+    s = 1.7
+    assert torch.autograd.gradcheck(lambda *t: _LoRALinearFn.apply(fn, s, *t), inputs)
+    got_y = _LoRALinearFn.apply(fn, s, *inputs)
+    want_y = _plain_lora(fn, s, *inputs)
+    assert rel(got_y, want_y) < 1e-12
+    dy = torch.randn(want_y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    wanted = [t for t in inputs if t.requires_grad]
+    got = torch.autograd.grad(got_y, wanted, dy)
+    want = torch.autograd.grad(want_y, wanted, dy)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and rel(a, b) < 1e-12
+
+
+def test_lora_function_under_bf16_autocast_matches_plain_autograd():
+    """CPU bf16 autocast: same outputs and gradients as plain autograd under the same autocast, within
+    bf16 rounding (relative error < 2e-2; both run bf16 matmuls, summed in different orders), and every
+    gradient in its tensor's own dtype (fp32 masters)."""
+    fn, inputs = _fn_inputs("mix", torch.float32)
+    inputs = [t.detach().mul(0.5).requires_grad_(t.requires_grad) for t in inputs]
+    dy = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(8))
+    results = []
+    for f in (_LoRALinearFn.apply, _plain_lora):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(fn, 1.7, *inputs)
+        grads = torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy.to(y.dtype))
+        results.append((y, grads))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and rel(y, y_ref) < 2e-2
+    for a, b, t in zip(grads, grads_ref, [t for t in inputs if t.requires_grad], strict=True):
+        assert a.dtype == t.dtype and rel(a, b) < 2e-2
+
+
+def _saved_bytes(model, idx):
+    """Bytes autograd keeps for backward of one forward, each storage once, parameters not counted."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(idx, torch.zeros_like(idx))
+    return sum(seen.values())
+
+
+class _PlainLoRALinear(LoRALinear):
+    """The adapter through plain autograd, as before _LoRALinearFn: it keeps its own input per target."""
+
+    def forward_of(self, fn, *parts):
+        return _plain_lora(fn, self.scaling, self.weight, self.lora_A, self.lora_B, *parts)
+
+
+def test_lora_keeps_only_three_activation_rows_per_layer_for_backward():
+    """Over the frozen model (backprop to its input only), LoRA on all six targets may keep per layer and
+    token at most x and xx (shared by att.receptance/key/value) and ffn.key's input: 3 C floats; the
+    other inputs (y, g for att.output, relu(k) for ffn.value) are what the frozen model keeps anyway.
+    Plain autograd kept 9 C (each target's own input, ffn.value's 4 C wide) + the x A^T rows."""
+    C, L, T = 64, 3, 16
+    idx = torch.randint(0, 96, (1, T))
+    frozen = make_model(n_layer=L)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen.emb.weight.requires_grad_(True)  # so every layer's input needs a gradient, as in a LoRA run
+    tuned = copy.deepcopy(frozen)
+    add_lora(tuned, r=4, alpha=8)
+    plain = copy.deepcopy(frozen)
+    add_lora(plain, r=4, alpha=8)
+    for m in lora_modules(plain).values():
+        m.__class__ = _PlainLoRALinear
+    base, new, old = (_saved_bytes(m, idx) for m in (frozen, tuned, plain))
+    row = T * C * 4  # one C-wide fp32 activation
+    assert new - base <= 3 * row * L, (new - base) / (row * L)
+    assert old - base >= 9 * row * L  # the measurement does see what plain autograd keeps

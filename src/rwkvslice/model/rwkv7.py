@@ -86,6 +86,18 @@ def _wkv_single_step(r, w, k, v, a, b, S):
     return (S @ col(r)).permute(0, 3, 1, 2), S  # y: (B, H, N, 1) -> (B, 1, H, N)
 
 
+def _mix(x: torch.Tensor, xx: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return x + xx * mu
+
+
+def linear_of(linear: nn.Module, fn, *parts: torch.Tensor) -> torch.Tensor:
+    """linear(fn(*parts)). A LoRA adapter (rwkvslice.peft.lora) takes the parts instead of the input, so
+    that backward keeps them (shared between adapters, or kept by the model anyway) rather than a copy
+    of each adapter's input."""
+    forward_of = getattr(linear, "forward_of", None)
+    return forward_of(fn, *parts) if forward_of is not None else linear(fn(*parts))
+
+
 def _check_resets(resets, idx: torch.Tensor) -> None:
     if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
         what = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
@@ -137,13 +149,12 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = _token_shift(x, shift, resets)
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        xw, xv, xa, xg = x + xx * self.x_w, x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
-        r = self.receptance(xr)
+        r = linear_of(self.receptance, _mix, x, xx, self.x_r)  # receptance(x + xx * x_r)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # soft clamp: decay > 0.545
-        k = self.key(xk)
-        v = self.value(xv)
+        k = linear_of(self.key, _mix, x, xx, self.x_k)
+        v = linear_of(self.value, _mix, x, xx, self.x_v)  # value(xv)
         if self.layer_id == 0:
             v_first = v
         else:  # value residual: mix in the first layer's values
@@ -170,7 +181,7 @@ class TimeMix(nn.Module):
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.view(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], wkv_state
+        return linear_of(self.output, torch.mul, y, g), v_first, x[:, -1], wkv_state  # output(y * g)
 
     def step(self, x, v_first, shift, wkv_in, wkv_out):
         """RNN mode for one token per row: x, shift (B, C); WKV state (B, H, N, N) fp32. Under no_grad.
@@ -232,8 +243,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None, resets=None):
         xx = _token_shift(x, shift, resets)
-        k = torch.relu(self.key(x + xx * self.x_k)).square()
-        return self.value(k), x[:, -1]
+        k = torch.relu(self.key(x + xx * self.x_k))
+        return linear_of(self.value, torch.square, k), x[:, -1]  # value(k ** 2)
 
     def step(self, x, shift):
         """RNN mode for one token per row: x, shift (B, C). Under no_grad."""

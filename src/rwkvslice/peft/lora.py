@@ -14,6 +14,14 @@ two trainable factors: y = x W^T + (alpha / r) * (x A^T) B^T, A (r, in), B (out,
 
 `merge_lora(model)` folds every adapter back: W' = W + (alpha / r) B A (W is the PiSSA residual for
 PiSSA), leaving plain `nn.Linear` modules and an official state dict.
+
+Memory: plain autograd through `x W^T + s (x A^T) B^T` keeps, per adapter, its own input x (for dA) and
+creates several (tokens x out) temporaries. `_LoRALinearFn` computes the same maths as one autograd
+node that keeps only the tensors the input is made of and recomputes the input and x A^T in backward.
+The model passes those parts through its `linear_of` hook (model/rwkv7.py): att.receptance/key/value
+share one (x, xx) pair (their inputs are x + xx * mu), att.output keeps (y, g) for y * g, which the
+frozen model keeps anyway, and ffn.value keeps relu(k) for relu(k)^2, which relu already keeps. The
+adapter's output and input-gradient terms are accumulated in place (addmm_) into the frozen ones.
 """
 
 from __future__ import annotations
@@ -33,6 +41,62 @@ DEFAULT_TARGETS = LORA_TARGETS
 LORA_INITS = ("lora", "pissa")
 
 
+def _autocast_of(t: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    dev = t.device.type
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = u W^T + s (u A^T) B^T with u = fn(*parts) (u = parts[0] when fn is None).
+
+    Keeps for backward only W, A, B (parameters) and `parts`; u and h = u A^T are recomputed there (u
+    is one elementwise op; h is rank-wide), under the forward's autocast state, so that bf16 autocast
+    computes in backward what it computed in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, scaling, weight, A, B, *parts):  # type: ignore[override]
+        ctx.fn, ctx.scaling, ctx.amp = fn, scaling, _autocast_of(parts[0])
+        ctx.save_for_backward(weight, A, B, *parts)
+        u = parts[0] if fn is None else fn(*parts)
+        y = F.linear(u, weight)
+        h = F.linear(u, A)
+        # y += s h B^T in place (at init B = 0 adds exact zeros: the base model's output bit for bit)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.t().to(y.dtype), alpha=scaling)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        weight, A, B, *parts = ctx.saved_tensors
+        need_w, need_a, need_b = ctx.needs_input_grad[2:5]
+        need_parts = ctx.needs_input_grad[5:]
+        s = ctx.scaling
+        dev, amp_on, amp_dtype = ctx.amp
+        with torch.autocast(dev, dtype=amp_dtype, enabled=amp_on):
+            leaves = [p.detach().requires_grad_(need) for p, need in zip(parts, need_parts, strict=True)]
+            with torch.enable_grad():  # the input's own small graph (e.g. x + xx * mu), rebuilt here
+                u = leaves[0] if ctx.fn is None else ctx.fn(*leaves)
+            u2 = u.detach().reshape(-1, u.shape[-1])  # (tokens, in)
+            dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
+            g = dy2 @ B  # (tokens, r)
+            dW = (dy2.t() @ u2).to(weight.dtype) if need_w else None
+            dA = (g.t() @ u2 * s).to(A.dtype) if need_a else None
+            dB = (dy2.t() @ (u2 @ A.t()) * s).to(B.dtype) if need_b else None
+            grads: list[torch.Tensor | None] = [None] * len(parts)
+            if any(need_parts):
+                du = dy2 @ weight  # the frozen path's input gradient ...
+                du.addmm_(g.to(du.dtype), A.to(du.dtype), alpha=s)  # ... plus s (dy B) A, in place
+                du = du.view(u.shape).to(u.dtype)
+                if ctx.fn is None:
+                    grads[0] = du
+                else:
+                    wanted = [leaf for leaf, need in zip(leaves, need_parts, strict=True) if need]
+                    got = iter(torch.autograd.grad(u, wanted, du))
+                    grads = [next(got) if need else None for need in need_parts]
+        return (None, None, dW, dA, dB, *grads)
+
+
 class LoRALinear(nn.Module):
     """A bias-free linear layer with a frozen weight and a trainable low-rank update (alpha / r) B A."""
 
@@ -48,7 +112,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does to a (r, in) weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return self.forward_of(None, x)
+
+    def forward_of(self, fn, *parts: torch.Tensor) -> torch.Tensor:
+        """self(fn(*parts)), keeping only `parts` for backward (the model's `linear_of` hook calls this)."""
+        return _LoRALinearFn.apply(fn, self.scaling, self.weight, self.lora_A, self.lora_B, *parts)
 
     @torch.no_grad()
     def init_pissa(self, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
