@@ -1,6 +1,6 @@
 """Every command (train, generate, eval, export) as a real subprocess: success, and a bad flag -> exit 2
-with one line on stderr. Further bad values go through `rwkvslice.cli.main` in-process (no extra torch
-imports)."""
+with one line on stderr. The shared trained run and further bad values go through `rwkvslice.cli.main`
+in-process (no extra torch imports)."""
 
 from __future__ import annotations
 
@@ -41,18 +41,35 @@ def finish(proc, timeout=240):
     return proc.returncode, out, err
 
 
+TRAIN_ARGS = ["--steps", 2, "--model", "demo", "--ctx-len", 32, "--batch-size", 4, "--no-progress", "--device", "cpu"]
+
+
 def _train_run(base):
     data = DemoTask(seed=0).write_jsonl(base / "train.jsonl", 64, "train")
-    proc = cli("train", "--data", data, "--out", base / "run", "--steps", 2, "--model", "demo", "--ctx-len", 32,
-               "--batch-size", 4, "--no-progress", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("done: step 2, loss ")
+    assert main(["train", "--data", str(data), "--out", str(base / "run"), *map(str, TRAIN_ARGS)]) == 0
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A 2-step `rwkvslice train` run (read-only for the tests), trained once per pytest run."""
+    """A 2-step `rwkvslice train` run (read-only for the tests), trained once per pytest run, in-process
+    (the CLI as a real process: test_train_as_a_process)."""
     return build_once_per_run(tmp_path_factory, "cli-run", _train_run) / "run"
+
+
+def _losses(run):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+# The real-process tests below are `slow`: a fresh interpreter costs 5 s of imports (15-25 s under coverage),
+# and what they add, the entry point in a fresh process, does not depend on the torch version, so the
+# torch-matrix legs leave them to the integration session.
+@pytest.mark.slow
+def test_train_as_a_process(run_dir, tmp_path):
+    proc = cli("train", "--data", run_dir.parent / "train.jsonl", "--out", tmp_path / "run", *TRAIN_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("done: step 2, loss ")
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "rwkvslice_model.safetensors").is_file()
+    assert _losses(tmp_path / "run") == _losses(run_dir)  # the same run as through main() in this process
 
 
 def test_train_writes_metrics_and_checkpoint(run_dir):
@@ -61,6 +78,7 @@ def test_train_writes_metrics_and_checkpoint(run_dir):
     assert (run_dir / "checkpoints" / "step-00000002" / "rwkvslice_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_generate_eval_export_succeed(run_dir, tmp_path):
     prompt = "a1 b2 c3 ?b"
     # sampled with a seed (and the CLI's default --top-p 0.85): a 2-step model's greedy choice may be
@@ -90,6 +108,7 @@ def test_generate_eval_export_succeed(run_dir, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_bad_flags_exit_2_with_one_line(run_dir, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "response": "b"}\n{"text": "x"}\n{"prompt": oops}\n')

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -174,18 +172,22 @@ def test_save_pretrained_directory_is_refused_by_hf_loaders(rwkv7_hf, tmp_path, 
 # -------------------------------------------------------------------------------------------- the CLI
 
 
-def _cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "rwkvslice.cli", *map(str, args)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+@pytest.fixture
+def cli(capsys):
+    """`rwkvslice ARGS` through the CLI's main() in this process: (exit status, stdout, stderr). The CLI as a
+    real process is test_cli.py's; here a fresh interpreter would only add ~20 s of imports under coverage."""
+    from rwkvslice.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
 
 
-def _finish(proc):
-    out, err = proc.communicate(timeout=240)
-    return proc.returncode, out, err
-
-
-def test_fine_tune_an_hf_directory_and_export_it_back(rwkv7_hf, tmp_path):
+def test_fine_tune_an_hf_directory_and_export_it_back(rwkv7_hf, tmp_path, cli):
     """README's flow: train --init-from an HF directory (rwkv7-hf's converter output), export --hf."""
     from rwkv7_hf.converter import main as convert
 
@@ -201,21 +203,19 @@ def test_fine_tune_an_hf_directory_and_export_it_back(rwkv7_hf, tmp_path):
 
     RWKV7(RWKV7Config(vocab_size=320, n_embd=64, n_layer=2, head_size=32)).save_pretrained(tmp_path / "h32")
     bad = {
-        "neither": _cli("train", "--init-from", tmp_path / "neither", "--data", tmp_path / "data.txt",
-                        "--out", tmp_path / "r2", "--steps", 1),
-        "h32": _cli("export", "--ckpt", tmp_path / "h32", "--hf", tmp_path / "h32-hf"),
+        "neither": cli("train", "--init-from", tmp_path / "neither", "--data", tmp_path / "data.txt",
+                       "--out", tmp_path / "r2", "--steps", 1),
+        "h32": cli("export", "--ckpt", tmp_path / "h32", "--hf", tmp_path / "h32-hf"),
     }
-    rc, _, err = _finish(_cli("train", "--init-from", tmp_path / "base", "--data", tmp_path / "data.txt",
-                              "--out", tmp_path / "run", "--steps", 2, "--ctx-len", 16, "--batch-size", 2,
-))
+    rc, _, err = cli("train", "--init-from", tmp_path / "base", "--data", tmp_path / "data.txt",
+                     "--out", tmp_path / "run", "--steps", 2, "--ctx-len", 16, "--batch-size", 2)
     assert rc == 0, err[-3000:]
-    rc, out, err = _finish(_cli("export", "--ckpt", tmp_path / "run", "--hf", tmp_path / "out"))
+    rc, out, err = cli("export", "--ckpt", tmp_path / "run", "--hf", tmp_path / "out")
     assert rc == 0, err[-3000:]
     assert "wrote" in out
     expect = {"neither": "no config.json (Hugging Face layout) or rwkvslice_config.json (rwkvslice)",
               "h32": "head_size 32 has no exact HF config"}
-    for name, proc in bad.items():
-        rc, _, err = _finish(proc)
+    for name, (rc, _, err) in bad.items():
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and expect[name] in lines[0] and "Traceback" not in err, (name, err)
     assert not (tmp_path / "r2").exists() or not list((tmp_path / "r2").rglob("model.safetensors"))
@@ -231,7 +231,7 @@ def test_fine_tune_an_hf_directory_and_export_it_back(rwkv7_hf, tmp_path):
         assert rms_rel(theirs(tokens).logits, trained(tokens)) < TOL
 
 
-def test_bad_hf_directory_for_init_from_exits_2(tmp_path):
+def test_bad_hf_directory_for_init_from_exits_2(tmp_path, cli):
     """A config.json with a contradictory field: one line naming the file and the field, no run output."""
     cfg = {"model_type": "rwkv7", "vocab_size": 320, "hidden_size": 128, "num_hidden_layers": 2, "head_dim": 64,
            "num_heads": 4, "decay_low_rank_dim": 32, "a_low_rank_dim": 32, "v_low_rank_dim": 32,
@@ -239,8 +239,8 @@ def test_bad_hf_directory_for_init_from_exits_2(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "data.txt").write_text("hello world, and more words to fill windows\n\n" * 60)
-    rc, _, err = _finish(_cli("train", "--init-from", tmp_path / "base", "--data", tmp_path / "data.txt",
-                              "--out", tmp_path / "run", "--steps", 1))
+    rc, _, err = cli("train", "--init-from", tmp_path / "base", "--data", tmp_path / "data.txt",
+                     "--out", tmp_path / "run", "--steps", 1)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert str(tmp_path / "base" / "config.json") in lines[0] and "'num_heads' (4)" in lines[0], lines
