@@ -35,54 +35,64 @@ CPU_FSDP = TORCH_VERSION >= (2, 6)
 needs_cpu_fsdp = pytest.mark.skipif(not CPU_FSDP, reason=f"torch {torch.__version__}: FSDP2 runs only on "
                                     "CUDA; test_torch_without_cpu_fsdp2_refuses_with_one_line covers it")
 
-STEPS, CLIP = 3, 0.05
+STEPS = 3
+KINDS = ("full", "lora", "state")  # what trains: everything, LoRA adapters (+ the norms), the initial state
+CLIP = {"full": 0.05, "lora": 0.05, "state": 0.01}  # below each kind's gradient norms: the clip acts
 
-# Several optimizer steps (SGD, so weights can be compared as tightly as gradients; the CLI test below
-# covers AdamW), each of 2 accumulation micro-batches of uneven kept counts and an active clip, on this
-# rank's half of fixed batches, with grad checkpointing per 8-token segment (each block runs twice per
-# forward; the reference runs without). Writes the losses, clip norms, gathered final weights and each
-# rank's local parameter / optimizer-state bytes.
+# Several optimizer steps (SGD, so weights can be compared as tightly as gradients; the CLI tests below
+# cover AdamW), each of 2 accumulation micro-batches of uneven kept counts and an active clip, on this
+# rank's half of fixed batches, for each of KINDS; the full model with grad checkpointing per 8-token
+# segment (each block runs twice per forward; the reference runs without). Before training, the sharded
+# full model evaluates the held-out windows (uneven batches over the ranks). Writes the losses, clip
+# norms, gathered final weights, each rank's local parameter / optimizer-state bytes and the eval result.
 STEP_WORKER = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from rwkvslice.train import sharding
     from rwkvslice.train.distributed import setup_distributed, teardown_distributed
+    from rwkvslice.train.evaluate import evaluate_loss
     sys.path.insert(0, sys.argv[2])
-    from test_fsdp import STEPS, CLIP, batches
-    from test_ddp import make_model
+    from test_fsdp import CLIP, KINDS, batches, eval_windows, model_for, optimizer_for
     from rwkvslice.train.step import train_step
 
     out = sys.argv[1]
     env = setup_distributed("cpu")
     try:
-        model = make_model()
-        model.grad_checkpointing, model.grad_checkpoint_len = True, 8  # 2 segments: each block runs twice
-        sharding.shard_model(model, env)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        loss_module = sharding.ShardedLossModule(model)
-        losses, norms = [], []
-        for idx, targets in batches():
-            half = idx.shape[0] // env.world_size
-            idx, targets = idx[env.rank * half:(env.rank + 1) * half], targets[env.rank * half:(env.rank + 1) * half]
-            stats = train_step(loss_module, opt, [(idx[:1], targets[:1]), (idx[1:], targets[1:])], env,
-                               grad_clip=CLIP)
-            losses.append(stats.loss)
-            norms.append(stats.grad_norm)
-        # one more step whose loss is infinite on rank 1 only: every rank must skip it (the final
-        # weights below are then those of the 3 steps)
-        real = loss_module.forward
-        if env.rank == 1:
-            loss_module.forward = lambda *a: real(*a) * float("inf")
-        stats = train_step(loss_module, opt, [(idx, targets)], env, grad_clip=CLIP)
-        with open(f"{out}/nonfinite{env.rank}.txt", "w") as f:
-            f.write(f"{stats.applied} {stats.nonfinite}")
-        sizes = sharding.local_state_bytes(model, opt)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.rank == 0:
-            save_file({k: v.contiguous() for k, v in full.items()}, f"{out}/weights.safetensors")
-        save_file({"loss": torch.tensor(losses), "norm": torch.tensor(norms),
-                   **{k: torch.tensor([v]) for k, v in sizes.items()}}, f"{out}/rank{env.rank}.safetensors")
+        for kind in KINDS:
+            model = model_for(kind)
+            if kind == "full":
+                model.grad_checkpointing, model.grad_checkpoint_len = True, 8  # 2 segments: blocks run twice
+            sharding.shard_model(model, env)
+            if kind == "full":
+                res = evaluate_loss(model, eval_windows(), batch_size=2, env=env)
+                with open(f"{out}/eval{env.rank}.json", "w") as f:
+                    json.dump(res.__dict__, f)
+            opt = optimizer_for(model)
+            loss_module = sharding.ShardedLossModule(model)
+            losses, norms = [], []
+            for idx, targets in batches():
+                mine = slice(env.rank * idx.shape[0] // env.world_size, (env.rank + 1) * idx.shape[0] // env.world_size)
+                idx, targets = idx[mine], targets[mine]
+                stats = train_step(loss_module, opt, [(idx[:1], targets[:1]), (idx[1:], targets[1:])], env,
+                                   grad_clip=CLIP[kind])
+                losses.append(stats.loss)
+                norms.append(stats.grad_norm)
+            if kind == "full":
+                # one more step whose loss is infinite on rank 1 only: every rank must skip it (the final
+                # weights below are then those of the 3 steps)
+                real = loss_module.forward
+                if env.rank == 1:
+                    loss_module.forward = lambda *a: real(*a) * float("inf")
+                stats = train_step(loss_module, opt, [(idx, targets)], env, grad_clip=CLIP[kind])
+                with open(f"{out}/nonfinite{env.rank}.txt", "w") as f:
+                    f.write(f"{stats.applied} {stats.nonfinite}")
+            sizes = sharding.local_state_bytes(model, opt)
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if env.rank == 0:
+                save_file({k: v.contiguous() for k, v in full.items()}, f"{out}/{kind}-weights.safetensors")
+            save_file({"loss": torch.tensor(losses), "norm": torch.tensor(norms),
+                       **{k: torch.tensor([v]) for k, v in sizes.items()}}, f"{out}/{kind}-rank{env.rank}.safetensors")
     finally:
         teardown_distributed(env)
 """)
@@ -100,6 +110,36 @@ def batches():
     return out
 
 
+def eval_windows():
+    """9 held-out windows: 5 batches of 2 (the last of 1), so rank 0 scores 3 and rank 1 2 (plus a padding
+    forward); batch 2 (rank 0's second) has no kept target, so only rank 0 runs a forward there too."""
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(1, 96, (9, 16), generator=g)
+    targets = torch.randint(1, 96, (9, 16), generator=g)
+    targets[:, :8] = -100
+    targets[4:6] = -100
+    return list(zip(idx, targets, strict=True))
+
+
+def model_for(kind: str):
+    from rwkvslice.peft.tuning import TuneSpec, prepare
+
+    model = make_model()
+    if kind != "full":
+        torch.manual_seed(11)  # the LoRA A factors' init
+        prepare(model, TuneSpec(kind=kind, lora_r=4, lora_alpha=8.0, train_also=("ln",) if kind == "lora" else ()))
+        if kind == "state":  # a nonzero start, so the state's gradient is not the same at every layer
+            with torch.no_grad():
+                model.initial_state.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def optimizer_for(model):
+    # state tuning: larger steps (its gradients are small), as the trainer's STATE_LR default
+    lr = 5.0 if model.initial_state is not None else 0.5
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     if not CPU_FSDP:
@@ -112,30 +152,35 @@ def fsdp_run(tmp_path_factory):
     return tmp
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
-    """Losses per step and final weights of FSDP 2 x b (accumulation 2, clipping, grad checkpointing)
-    equal one unsharded process with batch 2b; a non-finite loss on one rank is skipped by all."""
-    model = make_model()
+def _reference(kind: str):
+    """One unsharded process, the whole batch: (start weights, final model, losses, clip norms)."""
+    model = model_for(kind)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = optimizer_for(model)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    ref_losses, ref_norms = [], []
+    losses, norms = [], []
     for idx, targets in batches():
-        stats = train_step(LossModule(model), opt, [(idx, targets)], env, grad_clip=CLIP)
-        ref_losses.append(stats.loss)
-        ref_norms.append(stats.grad_norm)
-    assert all(n > CLIP for n in ref_norms), ref_norms  # the clip really acts on every step
+        stats = train_step(LossModule(model), opt, [(idx, targets)], env, grad_clip=CLIP[kind])
+        losses.append(stats.loss)
+        norms.append(stats.grad_norm)
+    assert all(n > CLIP[kind] for n in norms), norms  # the clip really acts on every step
+    return start, model, losses, norms
+
+
+def _check_like_reference(fsdp_run, kind: str) -> None:
+    start, model, ref_losses, ref_norms = _reference(kind)
     for r in range(WORLD):
-        ranks = load_file(str(fsdp_run / f"rank{r}.safetensors"))
+        ranks = load_file(str(fsdp_run / f"{kind}-rank{r}.safetensors"))
         torch.testing.assert_close(ranks["loss"], torch.tensor(ref_losses), rtol=1e-6, atol=0)
         torch.testing.assert_close(ranks["norm"], torch.tensor(ref_norms), rtol=1e-5, atol=0)
-    # the step with an infinite loss on rank 1 only was skipped by both ranks
-    assert (fsdp_run / "nonfinite1.txt").read_text() == "False loss (micro-batch 1)"
-    assert (fsdp_run / "nonfinite0.txt").read_text().startswith("False ")
-    got = load_file(str(fsdp_run / "weights.safetensors"))
+    got = load_file(str(fsdp_run / f"{kind}-weights.safetensors"))
     assert got.keys() == model.state_dict().keys()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     moved = 0
     for k, ref in model.state_dict().items():
+        if k not in trainable:  # frozen: exactly the base, on both sides
+            assert torch.equal(got[k], start[k]) and torch.equal(ref, start[k]), k
+            continue
         diff = (got[k].double() - ref.double()).norm()
         # per tensor, relative to the weights' norm (measured: at most 2e-8; fp32 sums in another order)
         assert (diff / ref.double().norm()).item() < 1e-5, k
@@ -146,13 +191,52 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
         if delta > 0:
             moved += 1
             assert (diff / delta).item() < 1e-3, k
-    assert moved >= len(start) // 2  # most tensors moved (the official init leaves a few at zero gradient)
+    assert moved >= len(trainable) // 2  # most tensors moved (the official init leaves a few at zero gradient)
+    return trainable
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
+    """Losses per step and final weights of FSDP 2 x b (accumulation 2, clipping, grad checkpointing)
+    equal one unsharded process with batch 2b; a non-finite loss on one rank is skipped by all."""
+    _check_like_reference(fsdp_run, "full")
+    # the step with an infinite loss on rank 1 only was skipped by both ranks
+    assert (fsdp_run / "nonfinite1.txt").read_text() == "False loss (micro-batch 1)"
+    assert (fsdp_run / "nonfinite0.txt").read_text().startswith("False ")
+
+
+@pytest.mark.parametrize("kind", ["lora", "state"])
+def test_tuned_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run, kind):
+    """LoRA (+ the norms via --train-also ln) and state tuning under FSDP: the frozen base sharded and
+    untouched, the trainable tensors (and only they) equal one process with the whole batch."""
+    trainable = _check_like_reference(fsdp_run, kind)
+    if kind == "lora":
+        assert any(k.endswith("lora_A") for k in trainable) and "ln_out.weight" in trainable
+        assert "blocks.0.att.key.weight" not in trainable
+    else:
+        assert trainable == {"initial_state"}
+    # the optimizer holds momentum for the trainable tensors only, sharded: each rank about half of them
+    ranks = [load_file(str(fsdp_run / f"{kind}-rank{r}.safetensors")) for r in range(WORLD)]
+    numel = sum(p.numel() for n, p in model_for(kind).named_parameters() if n in trainable)
+    assert sum(int(r["optim_local"]) for r in ranks) == 4 * numel
+
+
+def test_held_out_eval_under_fsdp_equals_one_process(fsdp_run):
+    """evaluate_loss on the sharded model (5 batches over 2 ranks: uneven, one with no kept target) ends
+    on every rank (no hang: every rank runs 3 forwards) with one process's loss and counts."""
+    from rwkvslice.train.evaluate import evaluate_loss
+
+    ref = evaluate_loss(make_model(), eval_windows(), batch_size=2)
+    assert ref.tokens == 7 * 8 and ref.batches == 5
+    for r in range(WORLD):
+        got = json.loads((fsdp_run / f"eval{r}.json").read_text())
+        assert (got["tokens"], got["windows"], got["batches"]) == (ref.tokens, 9, 5)
+        assert got["loss"] == pytest.approx(ref.loss, rel=1e-6)  # the CE sums are added in another order
 
 
 def test_each_rank_holds_half_of_the_parameters_and_optimizer_state(fsdp_run):
     """From the local shards: each rank holds about 1/world_size of the parameter and optimizer bytes
     (FSDP2 shards dim 0 in ceil-sized pieces, so small (1, 1, C) tensors land on rank 0 whole)."""
-    ranks = [load_file(str(fsdp_run / f"rank{r}.safetensors")) for r in range(WORLD)]
+    ranks = [load_file(str(fsdp_run / f"full-rank{r}.safetensors")) for r in range(WORLD)]
     full = sum(p.numel() * 4 for p in make_model().parameters())
     for kind, total in (("params", full), ("optim", full)):  # SGD momentum: one fp32 buffer per parameter
         local = [int(r[f"{kind}_local"]) for r in ranks]
