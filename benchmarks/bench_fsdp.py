@@ -118,8 +118,9 @@ def worker(cfg: dict, out: str) -> None:
     env = setup_distributed("cpu")
     try:
         base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        tracker = live_tensor_bytes()
-        tracker.__enter__()
+        tracker = live_tensor_bytes() if cfg["track"] else None  # (its per-op Python call slows every op)
+        if tracker is not None:
+            tracker.__enter__()
         torch.manual_seed(0)
         model = RWKV7(RWKV7Config(vocab_size=cfg["vocab"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
                                   head_size=64))
@@ -133,8 +134,9 @@ def worker(cfg: dict, out: str) -> None:
         import gc
 
         gc.collect()
-        built = {"built_live_mb": tracker.live / 2**20, "build_peak_live_mb": tracker.peak / 2**20,
-                 "build_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024}
+        built = {"build_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024}
+        if tracker is not None:
+            built.update(built_live_mb=tracker.live / 2**20, build_peak_live_mb=tracker.peak / 2**20)
         g = torch.Generator().manual_seed(1 + env.rank)
         B, T = cfg["batch"], cfg["ctx_len"]
         idx = torch.randint(1, cfg["vocab"], (B, T), generator=g)
@@ -147,10 +149,12 @@ def worker(cfg: dict, out: str) -> None:
             times.append(time.perf_counter() - t0)
             losses.append(stats.loss)
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        tracker.__exit__(None, None, None)
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+            built["peak_live_mb"] = tracker.peak / 2**20
         res = {"rank": env.rank, "losses": losses, "step_s": statistics.median(times[1:]),
                "peak_growth_mb": (peak_kb - base_kb) / 1024, "peak_total_mb": peak_kb / 1024,
-               "peak_live_mb": tracker.peak / 2**20, **built, **sharding.local_state_bytes(model, opt)}
+               **built, **sharding.local_state_bytes(model, opt)}
         Path(out, f"rank{env.rank}.json").write_text(json.dumps(res))
     finally:
         teardown_distributed(env)
@@ -225,13 +229,18 @@ def main() -> None:
     for gc in (False, True):  # activations as they are, then per-block activation checkpointing
         for mode in ("ddp", "fsdp"):
             t0 = time.perf_counter()
-            results[(mode, gc)] = run_config(dict(base, mode=mode, grad_checkpoint=gc), a.world)
+            # twice: the memory columns with the live-tensor tracker, the step time (and a second max
+            # RSS) without it, each in fresh processes
+            tracked = run_config(dict(base, mode=mode, grad_checkpoint=gc, track=True), a.world)
+            plain = run_config(dict(base, mode=mode, grad_checkpoint=gc, track=False), a.world)
+            results[(mode, gc)] = [dict(t, step_s=u["step_s"], plain_rss_mb=u["peak_growth_mb"],
+                                        plain_losses=u["losses"]) for t, u in zip(tracked, plain, strict=True)]
             print(f"{mode} grad_checkpoint={gc}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             Path(a.out).with_suffix(".json").write_text(json.dumps({f"{m} gc={g}": v for (m, g), v in results.items()}))
     load_after = os.getloadavg()[0]
 
     P = n_params(a)
-    peak = {k: max(r["peak_growth_mb"] for r in rs) for k, rs in results.items()}
+    peak = {k: max(r["plain_rss_mb"] for r in rs) for k, rs in results.items()}
     live = {k: max(r["peak_live_mb"] for r in rs) for k, rs in results.items()}
     step = {k: max(r["step_s"] for r in rs) for k, rs in results.items()}
     cmd = "flock /tmp/rwkvslice-heavy.lock python benchmarks/bench_fsdp.py " + " ".join(sys.argv[1:])
@@ -250,7 +259,9 @@ def main() -> None:
         f"parameters ({P * 4 / 2**30:.2f} GiB fp32). {a.world} ranks, each batch {a.batch} x ctx_len "
         f"{a.ctx_len} (25 % of each row kept), fp32, one torch thread per rank.",
         "- Step = `train_step` (forward, backward, grad clip 1.0, AdamW); median of "
-        f"{a.steps} steps after one warm-up step; the slowest rank.",
+        f"{a.steps} steps after one warm-up step; the slowest rank. Each configuration runs twice in fresh "
+        "processes: with the live-tensor tracker (the memory columns) and without it (step time, and the max "
+        "RSS the ratios use: the tracker's per-op Python call slows every op and holds a little memory).",
         "- Peak RSS = growth of each rank process's max RSS from just before the model is built. Peak live = "
         "the most bytes of tensor storages alive at once on the rank's main thread (a TorchDispatchMode; no "
         "allocator slack, no gloo-internal buffers); built = alive once the model, its DDP/FSDP wrapper and "
@@ -260,20 +271,22 @@ def main() -> None:
         lines.append(f"- {a.note}")
     lines += [
         "",
-        "| activations | shard | rank | peak RSS growth (MiB) | peak live tensors (MiB) | built: live / build "
-        "peak (MiB) | params held (MiB) | AdamW state held (MiB) | step (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| activations | shard | rank | peak RSS growth (MiB) | same, tracked run (MiB) | peak live tensors "
+        "(MiB) | built: live / build peak (MiB) | params held (MiB) | AdamW state held (MiB) | step (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (mode, gc), rs in results.items():
         for r in rs:
             lines.append(f"| {'checkpointed' if gc else 'kept'} | {'none (DDP)' if mode == 'ddp' else 'fsdp'} "
-                         f"| {r['rank']} | {r['peak_growth_mb']:,.0f} | {r['peak_live_mb']:,.0f} "
+                         f"| {r['rank']} | {r['plain_rss_mb']:,.0f} | {r['peak_growth_mb']:,.0f} "
+                         f"| {r['peak_live_mb']:,.0f} "
                          f"| {r['built_live_mb']:,.0f} / {r['build_peak_live_mb']:,.0f} "
                          f"| {r['params_local'] / 2**20:,.0f} "
                          f"| {r['optim_local'] / 2**20:,.0f} | {r['step_s']:.2f} |")
     lines.append("")
     for gc in (False, True):
         ddp, fsdp = results[("ddp", gc)], results[("fsdp", gc)]
+        assert all(r["losses"] == r["plain_losses"] for r in ddp + fsdp)  # the tracker changes no arithmetic
         same = all(d["losses"] == f["losses"] for d, f in zip(ddp, fsdp, strict=True))
         max_rel = max(abs(x - y) / abs(y) for d, f in zip(ddp, fsdp, strict=True)
                       for x, y in zip(f["losses"], d["losses"], strict=True))

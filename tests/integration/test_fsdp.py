@@ -113,13 +113,14 @@ def batches():
 
 
 def eval_windows():
-    """9 held-out windows: 5 batches of 2 (the last of 1), so rank 0 scores 3 and rank 1 2 (plus a padding
-    forward); batch 2 (rank 0's second) has no kept target, so only rank 0 runs a forward there too."""
+    """9 held-out windows: 5 batches of 2 (the last of 1), rank 0 scoring batches 0, 2, 4 and rank 1
+    batches 1 and 3, of which batch 3 has no kept target: rank 1 has one batch to score against rank 0's
+    three, so without its two extra forwards (batch 3 and a padding one) rank 0 would wait forever."""
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(1, 96, (9, 16), generator=g)
     targets = torch.randint(1, 96, (9, 16), generator=g)
     targets[:, :8] = -100
-    targets[4:6] = -100
+    targets[6:8] = -100
     return list(zip(idx, targets, strict=True))
 
 
@@ -224,7 +225,8 @@ def test_tuned_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run, kind):
 
 def test_held_out_eval_under_fsdp_equals_one_process(fsdp_run):
     """evaluate_loss on the sharded model (5 batches over 2 ranks: uneven, one with no kept target) ends
-    on every rank (no hang: every rank runs 3 forwards) with one process's loss and counts."""
+    on every rank (no hang: every rank runs 3 forwards; the launch times out otherwise) with one process's
+    loss and counts."""
     from rwkvslice.train.evaluate import evaluate_loss
 
     ref = evaluate_loss(make_model(), eval_windows(), batch_size=2)

@@ -339,7 +339,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
             peft_run.attach(model, cfg.tune_spec(), init_from=cfg.init_from, model_arg=cfg.model,
                             seed=cfg.seed, log=log if env.is_main else None)
         start_step = 0
-    model.to(env.device)
+    if cfg.shard == "none":  # fsdp: fully_shard moves each unit to the device as it shards it (below), so
+        model.to(env.device)  # no process ever holds the whole model on its accelerator
     if cfg.tune != "full" and cfg.precision == "bf16" and env.device.type == "cuda" and cfg.shard == "none":
         keep_frozen_in_bf16(model)  # only trainable tensors need fp32 masters
     model.train()
