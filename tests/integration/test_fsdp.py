@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,54 +37,64 @@ CPU_FSDP = TORCH_VERSION >= (2, 6)
 needs_cpu_fsdp = pytest.mark.skipif(not CPU_FSDP, reason=f"torch {torch.__version__}: FSDP2 runs only on "
                                     "CUDA; test_torch_without_cpu_fsdp2_refuses_with_one_line covers it")
 
-STEPS, CLIP = 3, 0.05
+STEPS = 3
+KINDS = ("full", "lora", "state")  # what trains: everything, LoRA adapters (+ the norms), the initial state
+CLIP = {"full": 0.05, "lora": 0.05, "state": 0.01}  # below each kind's gradient norms: the clip acts
 
-# Several optimizer steps (SGD, so weights can be compared as tightly as gradients; the CLI test below
-# covers AdamW), each of 2 accumulation micro-batches of uneven kept counts and an active clip, on this
-# rank's half of fixed batches, with grad checkpointing per 8-token segment (each block runs twice per
-# forward; the reference runs without). Writes the losses, clip norms, gathered final weights and each
-# rank's local parameter / optimizer-state bytes.
+# Several optimizer steps (SGD, so weights can be compared as tightly as gradients; the CLI tests below
+# cover AdamW), each of 2 accumulation micro-batches of uneven kept counts and an active clip, on this
+# rank's half of fixed batches, for each of KINDS; the full model with grad checkpointing per 8-token
+# segment (each block runs twice per forward; the reference runs without). Before training, the sharded
+# full model evaluates the held-out windows (uneven batches over the ranks). Writes the losses, clip
+# norms, gathered final weights, each rank's local parameter / optimizer-state bytes and the eval result.
 STEP_WORKER = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from rwkvslice.train import sharding
     from rwkvslice.train.distributed import setup_distributed, teardown_distributed
+    from rwkvslice.train.evaluate import evaluate_loss
     sys.path.insert(0, sys.argv[2])
-    from test_fsdp import STEPS, CLIP, batches
-    from test_ddp import make_model
+    from test_fsdp import CLIP, KINDS, batches, eval_windows, model_for, optimizer_for
     from rwkvslice.train.step import train_step
 
     out = sys.argv[1]
     env = setup_distributed("cpu")
     try:
-        model = make_model()
-        model.grad_checkpointing, model.grad_checkpoint_len = True, 8  # 2 segments: each block runs twice
-        sharding.shard_model(model, env)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        loss_module = sharding.ShardedLossModule(model)
-        losses, norms = [], []
-        for idx, targets in batches():
-            half = idx.shape[0] // env.world_size
-            idx, targets = idx[env.rank * half:(env.rank + 1) * half], targets[env.rank * half:(env.rank + 1) * half]
-            stats = train_step(loss_module, opt, [(idx[:1], targets[:1]), (idx[1:], targets[1:])], env,
-                               grad_clip=CLIP)
-            losses.append(stats.loss)
-            norms.append(stats.grad_norm)
-        # one more step whose loss is infinite on rank 1 only: every rank must skip it (the final
-        # weights below are then those of the 3 steps)
-        real = loss_module.forward
-        if env.rank == 1:
-            loss_module.forward = lambda *a: real(*a) * float("inf")
-        stats = train_step(loss_module, opt, [(idx, targets)], env, grad_clip=CLIP)
-        with open(f"{out}/nonfinite{env.rank}.txt", "w") as f:
-            f.write(f"{stats.applied} {stats.nonfinite}")
-        sizes = sharding.local_state_bytes(model, opt)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.rank == 0:
-            save_file({k: v.contiguous() for k, v in full.items()}, f"{out}/weights.safetensors")
-        save_file({"loss": torch.tensor(losses), "norm": torch.tensor(norms),
-                   **{k: torch.tensor([v]) for k, v in sizes.items()}}, f"{out}/rank{env.rank}.safetensors")
+        for kind in KINDS:
+            model = model_for(kind)
+            if kind == "full":
+                model.grad_checkpointing, model.grad_checkpoint_len = True, 8  # 2 segments: blocks run twice
+            sharding.shard_model(model, env)
+            if kind == "full":
+                res = evaluate_loss(model, eval_windows(), batch_size=2, env=env)
+                with open(f"{out}/eval{env.rank}.json", "w") as f:
+                    json.dump(res.__dict__, f)
+            opt = optimizer_for(model)
+            loss_module = sharding.ShardedLossModule(model)
+            losses, norms = [], []
+            for idx, targets in batches():
+                mine = slice(env.rank * idx.shape[0] // env.world_size, (env.rank + 1) * idx.shape[0] // env.world_size)
+                idx, targets = idx[mine], targets[mine]
+                stats = train_step(loss_module, opt, [(idx[:1], targets[:1]), (idx[1:], targets[1:])], env,
+                                   grad_clip=CLIP[kind])
+                losses.append(stats.loss)
+                norms.append(stats.grad_norm)
+            if kind == "full":
+                # one more step whose loss is infinite on rank 1 only: every rank must skip it (the final
+                # weights below are then those of the 3 steps)
+                real = loss_module.forward
+                if env.rank == 1:
+                    loss_module.forward = lambda *a: real(*a) * float("inf")
+                stats = train_step(loss_module, opt, [(idx, targets)], env, grad_clip=CLIP[kind])
+                with open(f"{out}/nonfinite{env.rank}.txt", "w") as f:
+                    f.write(f"{stats.applied} {stats.nonfinite}")
+            sizes = sharding.local_state_bytes(model, opt)
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if env.rank == 0:
+                save_file({k: v.contiguous() for k, v in full.items()}, f"{out}/{kind}-weights.safetensors")
+            save_file({"loss": torch.tensor(losses), "norm": torch.tensor(norms),
+                       **{k: torch.tensor([v]) for k, v in sizes.items()}}, f"{out}/{kind}-rank{env.rank}.safetensors")
     finally:
         teardown_distributed(env)
 """)
@@ -100,6 +112,37 @@ def batches():
     return out
 
 
+def eval_windows():
+    """9 held-out windows: 5 batches of 2 (the last of 1), rank 0 scoring batches 0, 2, 4 and rank 1
+    batches 1 and 3, of which batch 3 has no kept target: rank 1 has one batch to score against rank 0's
+    three, so without its two extra forwards (batch 3 and a padding one) rank 0 would wait forever."""
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(1, 96, (9, 16), generator=g)
+    targets = torch.randint(1, 96, (9, 16), generator=g)
+    targets[:, :8] = -100
+    targets[6:8] = -100
+    return list(zip(idx, targets, strict=True))
+
+
+def model_for(kind: str):
+    from rwkvslice.peft.tuning import TuneSpec, prepare
+
+    model = make_model()
+    if kind != "full":
+        torch.manual_seed(11)  # the LoRA A factors' init
+        prepare(model, TuneSpec(kind=kind, lora_r=4, lora_alpha=8.0, train_also=("ln",) if kind == "lora" else ()))
+        if kind == "state":  # a nonzero start, so the state's gradient is not the same at every layer
+            with torch.no_grad():
+                model.initial_state.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def optimizer_for(model):
+    # state tuning: larger steps (its gradients are small), as the trainer's STATE_LR default
+    lr = 5.0 if model.initial_state is not None else 0.5
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     if not CPU_FSDP:
@@ -112,30 +155,35 @@ def fsdp_run(tmp_path_factory):
     return tmp
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
-    """Losses per step and final weights of FSDP 2 x b (accumulation 2, clipping, grad checkpointing)
-    equal one unsharded process with batch 2b; a non-finite loss on one rank is skipped by all."""
-    model = make_model()
+def _reference(kind: str):
+    """One unsharded process, the whole batch: (start weights, final model, losses, clip norms)."""
+    model = model_for(kind)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt = optimizer_for(model)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    ref_losses, ref_norms = [], []
+    losses, norms = [], []
     for idx, targets in batches():
-        stats = train_step(LossModule(model), opt, [(idx, targets)], env, grad_clip=CLIP)
-        ref_losses.append(stats.loss)
-        ref_norms.append(stats.grad_norm)
-    assert all(n > CLIP for n in ref_norms), ref_norms  # the clip really acts on every step
+        stats = train_step(LossModule(model), opt, [(idx, targets)], env, grad_clip=CLIP[kind])
+        losses.append(stats.loss)
+        norms.append(stats.grad_norm)
+    assert all(n > CLIP[kind] for n in norms), norms  # the clip really acts on every step
+    return start, model, losses, norms
+
+
+def _check_like_reference(fsdp_run, kind: str) -> None:
+    start, model, ref_losses, ref_norms = _reference(kind)
     for r in range(WORLD):
-        ranks = load_file(str(fsdp_run / f"rank{r}.safetensors"))
+        ranks = load_file(str(fsdp_run / f"{kind}-rank{r}.safetensors"))
         torch.testing.assert_close(ranks["loss"], torch.tensor(ref_losses), rtol=1e-6, atol=0)
         torch.testing.assert_close(ranks["norm"], torch.tensor(ref_norms), rtol=1e-5, atol=0)
-    # the step with an infinite loss on rank 1 only was skipped by both ranks
-    assert (fsdp_run / "nonfinite1.txt").read_text() == "False loss (micro-batch 1)"
-    assert (fsdp_run / "nonfinite0.txt").read_text().startswith("False ")
-    got = load_file(str(fsdp_run / "weights.safetensors"))
+    got = load_file(str(fsdp_run / f"{kind}-weights.safetensors"))
     assert got.keys() == model.state_dict().keys()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     moved = 0
     for k, ref in model.state_dict().items():
+        if k not in trainable:  # frozen: exactly the base, on both sides
+            assert torch.equal(got[k], start[k]) and torch.equal(ref, start[k]), k
+            continue
         diff = (got[k].double() - ref.double()).norm()
         # per tensor, relative to the weights' norm (measured: at most 2e-8; fp32 sums in another order)
         assert (diff / ref.double().norm()).item() < 1e-5, k
@@ -146,13 +194,53 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
         if delta > 0:
             moved += 1
             assert (diff / delta).item() < 1e-3, k
-    assert moved >= len(start) // 2  # most tensors moved (the official init leaves a few at zero gradient)
+    assert moved >= len(trainable) // 2  # most tensors moved (the official init leaves a few at zero gradient)
+    return trainable
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run):
+    """Losses per step and final weights of FSDP 2 x b (accumulation 2, clipping, grad checkpointing)
+    equal one unsharded process with batch 2b; a non-finite loss on one rank is skipped by all."""
+    _check_like_reference(fsdp_run, "full")
+    # the step with an infinite loss on rank 1 only was skipped by both ranks
+    assert (fsdp_run / "nonfinite1.txt").read_text() == "False loss (micro-batch 1)"
+    assert (fsdp_run / "nonfinite0.txt").read_text().startswith("False ")
+
+
+@pytest.mark.parametrize("kind", ["lora", "state"])
+def test_tuned_two_ranks_equal_one_process_with_twice_the_batch(fsdp_run, kind):
+    """LoRA (+ the norms via --train-also ln) and state tuning under FSDP: the frozen base sharded and
+    untouched, the trainable tensors (and only they) equal one process with the whole batch."""
+    trainable = _check_like_reference(fsdp_run, kind)
+    if kind == "lora":
+        assert any(k.endswith("lora_A") for k in trainable) and "ln_out.weight" in trainable
+        assert "blocks.0.att.key.weight" not in trainable
+    else:
+        assert trainable == {"initial_state"}
+    # the optimizer holds momentum for the trainable tensors only, sharded: each rank about half of them
+    ranks = [load_file(str(fsdp_run / f"{kind}-rank{r}.safetensors")) for r in range(WORLD)]
+    numel = sum(p.numel() for n, p in model_for(kind).named_parameters() if n in trainable)
+    assert sum(int(r["optim_local"]) for r in ranks) == 4 * numel
+
+
+def test_held_out_eval_under_fsdp_equals_one_process(fsdp_run):
+    """evaluate_loss on the sharded model (5 batches over 2 ranks: uneven, one with no kept target) ends
+    on every rank (no hang: every rank runs 3 forwards; the launch times out otherwise) with one process's
+    loss and counts."""
+    from rwkvslice.train.evaluate import evaluate_loss
+
+    ref = evaluate_loss(make_model(), eval_windows(), batch_size=2)
+    assert ref.tokens == 7 * 8 and ref.batches == 5
+    for r in range(WORLD):
+        got = json.loads((fsdp_run / f"eval{r}.json").read_text())
+        assert (got["tokens"], got["windows"], got["batches"]) == (ref.tokens, 9, 5)
+        assert got["loss"] == pytest.approx(ref.loss, rel=1e-6)  # the CE sums are added in another order
 
 
 def test_each_rank_holds_half_of_the_parameters_and_optimizer_state(fsdp_run):
     """From the local shards: each rank holds about 1/world_size of the parameter and optimizer bytes
     (FSDP2 shards dim 0 in ceil-sized pieces, so small (1, 1, C) tensors land on rank 0 whole)."""
-    ranks = [load_file(str(fsdp_run / f"rank{r}.safetensors")) for r in range(WORLD)]
+    ranks = [load_file(str(fsdp_run / f"full-rank{r}.safetensors")) for r in range(WORLD)]
     full = sum(p.numel() * 4 for p in make_model().parameters())
     for kind, total in (("params", full), ("optim", full)):  # SGD momentum: one fp32 buffer per parameter
         local = [int(r[f"{kind}_local"]) for r in ranks]
@@ -178,28 +266,44 @@ def test_torch_without_cpu_fsdp2_refuses_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CLI: `rwkvslice train --shard fsdp` under torchrun's environment, killed and resumed, exported.
+# The CLI: `rwkvslice train --shard fsdp` under torchrun's environment (full, LoRA with held-out eval,
+# state tuning), against the same runs in one process, killed and resumed, exported. Three 2-rank
+# launches in all (most of a launch is importing torch and FSDP): the three sharded runs in one, the
+# SIGKILLed full run, and both resumes in one; the one-process runs and exports run in this process.
+
+CLI_WORKER = textwrap.dedent("""
+    import json, os, sys
+    from rwkvslice.cli import main
+
+    for i, argv in enumerate(json.loads(sys.argv[1])):  # several CLI runs, one process group each
+        os.environ["RWKVSLICE_DIST_INIT"] = f"file://{sys.argv[2]}/rdzv-{i}"
+        if main(argv) != 0:
+            sys.exit(f"run {i} failed: {argv}")
+""")
+TUNED = {"lora": ["--tune", "lora", "--lora-r", "4", "--train-also", "ln"], "state": ["--tune", "state"]}
 
 
-def _train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "rwkvslice.cli", "train", "--data", str(data), "--out", str(out),
-            "--model", "demo", "--ctx-len", "32", "--steps", "4", "--lr", "2e-3", "--warmup-steps", "1",
-            "--grad-accum", "2", "--grad-clip", "0.5", "--save-every", "1", "--keep", "2", "--seed", "3",
-            "--no-progress", "--device", "cpu", *extra]
+def _train_args(data, out, *extra):
+    model = [] if "--init-from" in extra else ["--model", "demo"]  # (--init-from brings its own shape)
+    return ["train", "--data", str(data), "--out", str(out), *model, "--ctx-len", "32", "--steps", "3",
+            "--lr", "2e-3", "--warmup-steps", "1", "--grad-accum", "2", "--grad-clip", "0.5", "--save-every", "1",
+            "--keep", "3", "--seed", "3", "--no-progress", "--device", "cpu", *extra]
 
 
 def _losses(out):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"], r.get("eval_loss")) for r in _records(out)]
 
 
 def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch_ok(tmp_path, cmd):
-    where = tmp_path / f"launch-{len(list(tmp_path.glob('launch-*')))}"  # a fresh rendezvous file each time
+def _launch_ok(tmp_path, runs):
+    """One 2-rank launch running the CLI runs `runs` one after the other."""
+    where = tmp_path / f"launch-{len(list(tmp_path.glob('launch-*')))}"  # fresh rendezvous files each time
     where.mkdir()
-    for rc, err in launch(where, lambda r: cmd):
+    argv = [sys.executable, "-c", CLI_WORKER, json.dumps([[str(a) for a in run] for run in runs]), str(where)]
+    for rc, err in launch(where, lambda r: argv, timeout=300):
         assert rc == 0, err[-3000:]
 
 
@@ -213,52 +317,23 @@ def _dcp_weights(ckpt):
     return sd["model"]  # the nested {"model": ..., "optim": ...} that the trainer saved
 
 
-@needs_cpu_fsdp
-@pytest.mark.slow  # ~100 s of subprocesses on 2 cores: integration runs it; the torch matrix skips it
-def test_cli_fsdp_matches_one_process_resumes_after_sigkill_and_exports(tmp_path):
-    data = DemoTask(seed=2).write_jsonl(tmp_path / "train.jsonl", 32, "train")  # 4 steps x 8 windows
+def _kill_at_random(data, run, rdzv, steps_done: int, delay: float):
+    """Start a 2-rank CLI run and SIGKILL every rank `delay` s after its step-`steps_done` checkpoint
+    appeared (inside the next step or its checkpoint write: save_every 1)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ref = tmp_path / "ref"
-    _launch_ok(tmp_path, _train_cmd(data, ref, "--batch-size", "2", "--shard", "fsdp"))
-    single = tmp_path / "single"
-    proc = subprocess.run(_train_cmd(data, single, "--batch-size", "4"), capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    # 2 ranks x batch 2 x 2 micro-batches == one process x batch 4 x 2 micro-batches, AdamW, clipping
-    a, b = _records(ref), _records(single)
-    assert [r["step"] for r in a] == list(range(1, 5))
-    for x, y in zip(a, b, strict=True):
-        assert x["tokens"] == y["tokens"] and x["kept_tokens"] == y["kept_tokens"]
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5) and x["grad_norm"] > 0.5
-    final = ref / "checkpoints" / "step-00000004"
-    assert (final / "dcp" / ".metadata").is_file() and not (final / "rwkvslice_model.safetensors").exists()
-    ours = _dcp_weights(final)
-    theirs = load_file(str(single / "checkpoints" / "step-00000004" / "rwkvslice_model.safetensors"))
-    assert ours.keys() == theirs.keys()
-    for k in theirs:  # AdamW: the DDP test's 1e-3 per-tensor bound and its reasoning (test_ddp.py)
-        err = ((ours[k].double() - theirs[k].double()).norm() / theirs[k].double().norm().clamp_min(1e-12)).item()
-        assert err < 1e-3, (k, err)
-
-    # SIGKILL every rank at a random moment (save_every 1: often inside a checkpoint write), resume
-    rng = random.Random()
-    run = tmp_path / "run"
-    kill_after = rng.randint(1, 3)
-    rdzv = tmp_path / "rdzv-killed"
     procs = []
     try:
         for rank in range(WORLD):
             penv = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                         RWKVSLICE_DIST_INIT=f"file://{rdzv}", RWKVSLICE_DIST_TIMEOUT="120")
-            procs.append(subprocess.Popen(_train_cmd(data, run, "--batch-size", "2", "--shard", "fsdp"),
+            procs.append(subprocess.Popen([sys.executable, "-m", "rwkvslice.cli",
+                                           *_train_args(data, run, "--batch-size", "2", "--shard", "fsdp")],
                                           env=penv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 240
-        metrics = run / "metrics.jsonl"
-        while time.monotonic() < deadline and all(p.poll() is None for p in procs) and (
-                not metrics.is_file() or len(metrics.read_text().splitlines()) < kill_after):
+        done = run / "checkpoints" / f"step-{steps_done:08d}"
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not done.is_dir():
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.5))
+        time.sleep(delay)
         for p in procs:
             p.send_signal(signal.SIGKILL)
     finally:
@@ -266,30 +341,91 @@ def test_cli_fsdp_matches_one_process_resumes_after_sigkill_and_exports(tmp_path
             p.kill()
             p.wait(timeout=30)
     assert all(p.returncode == -signal.SIGKILL for p in procs), "the run finished before it was killed"
-    # resumed with --no-reshard-after-forward: when FSDP frees gathered weights changes no arithmetic
-    _launch_ok(tmp_path, _train_cmd(data, run, "--batch-size", "2", "--shard", "fsdp", "--resume",
-                                    "--no-reshard-after-forward"))
-    assert _losses(run) == _losses(ref), f"killed after {kill_after} steps"
-    resumed = _dcp_weights(run / "checkpoints" / "step-00000004")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    if not CPU_FSDP:
+        pytest.skip(f"torch {torch.__version__}: FSDP2 runs only on CUDA")
+    from rwkvslice import RWKV7, RWKV7Config
+    from rwkvslice.cli import main
+
+    tmp = tmp_path_factory.mktemp("fsdp-cli")
+    data = DemoTask(seed=2).write_jsonl(tmp / "train.jsonl", 24, "train")  # 3 steps x 8 windows
+    held_out = DemoTask(seed=6).write_jsonl(tmp / "eval.jsonl", 5, "heldout")  # uneven over 2 ranks
+    torch.manual_seed(0)  # the tuned runs' base: a demo model with every weight nonzero (the official
+    base = RWKV7(RWKV7Config.preset("demo", 320))  # init zeroes att.output, so a state would get no gradient)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    base.save_official(tmp / "base.pth")
+    extra = {"full": [], "lora": [*TUNED["lora"], "--init-from", tmp / "base.pth", "--eval-data", held_out,
+                                  "--eval-every", "1"],
+             "state": [*TUNED["state"], "--init-from", tmp / "base.pth"]}
+    _launch_ok(tmp, [_train_args(data, tmp / f"fsdp-{k}", "--batch-size", "2", "--shard", "fsdp", *extra[k])
+                     for k in KINDS])
+    for k in KINDS:  # one process with the whole batch, in this process
+        assert main([str(a) for a in _train_args(data, tmp / f"single-{k}", "--batch-size", "4", *extra[k])]) == 0
+
+    rng = random.Random()
+    kill_after, delay = rng.randint(1, 2), rng.uniform(0, 1.0)  # a random moment of the 3-step schedule
+    _kill_at_random(data, tmp / "killed", tmp / "rdzv-killed", kill_after, delay)
+    # the LoRA run, resumed from its step-1 checkpoint (the later ones removed, as a run that stopped
+    # there would have left it; --out must stay the same, so the whole run is kept as a copy first)
+    shutil.copytree(tmp / "fsdp-lora", tmp / "uninterrupted-lora")
+    for later in ("step-00000002", "step-00000003"):
+        shutil.rmtree(tmp / "fsdp-lora" / "checkpoints" / later)
+    # the killed run resumed with --no-reshard-after-forward: when FSDP frees gathered weights changes
+    # no arithmetic
+    _launch_ok(tmp, [_train_args(data, tmp / "killed", "--batch-size", "2", "--shard", "fsdp", "--resume",
+                                 "--no-reshard-after-forward"),
+                     _train_args(data, tmp / "fsdp-lora", "--batch-size", "2", "--shard", "fsdp", "--resume",
+                                 *extra["lora"])])
+    return SimpleNamespace(tmp=tmp, data=data, kill=(kill_after, delay))
+
+
+@needs_cpu_fsdp
+@pytest.mark.slow  # the fixture: ~70 s of subprocesses on 2 cores; the torch matrix skips it
+def test_cli_fsdp_matches_one_process_resumes_after_sigkill_and_exports(cli, capsys):
+    from rwkvslice.cli import main
+
+    ref, single, run = cli.tmp / "fsdp-full", cli.tmp / "single-full", cli.tmp / "killed"
+    # 2 ranks x batch 2 x 2 micro-batches == one process x batch 4 x 2 micro-batches, AdamW, clipping
+    a, b = _records(ref), _records(single)
+    assert [r["step"] for r in a] == list(range(1, 4))
+    for x, y in zip(a, b, strict=True):
+        assert x["tokens"] == y["tokens"] and x["kept_tokens"] == y["kept_tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5) and x["grad_norm"] > 0.5
+    final = ref / "checkpoints" / "step-00000003"
+    assert (final / "dcp" / ".metadata").is_file() and not (final / "rwkvslice_model.safetensors").exists()
+    ours = _dcp_weights(final)
+    theirs = load_file(str(single / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:  # AdamW: the DDP test's 1e-3 per-tensor bound and its reasoning (test_ddp.py)
+        err = ((ours[k].double() - theirs[k].double()).norm() / theirs[k].double().norm().clamp_min(1e-12)).item()
+        assert err < 1e-3, (k, err)
+
+    # SIGKILL at a random moment, then --resume: the same losses and final weights, bit for bit
+    assert _losses(run) == _losses(ref), f"killed {cli.kill[1]:.2f} s after {cli.kill[0]} step(s)"
+    resumed = _dcp_weights(run / "checkpoints" / "step-00000003")
     for k in ours:
         assert torch.equal(resumed[k], ours[k]), k
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # temporaries cleaned
 
     # a resume in one process (DDP/no shard) of the sharded run is refused in one line
-    proc = subprocess.run(_train_cmd(data, run, "--batch-size", "2", "--steps", "5", "--resume"),
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("rwkvslice: error: --resume: --shard"), proc.stderr
+    capsys.readouterr()
+    assert main([str(a) for a in _train_args(cli.data, run, "--batch-size", "2", "--steps", "5", "--resume")]) == 2
+    assert capsys.readouterr().err.strip().startswith("rwkvslice: error: --resume: --shard")
 
     # export: the official .pth runs in the `rwkv` package with the trained model's logits; the
     # safetensors directory holds the same tensors
-    pth = tmp_path / "model.pth"
-    proc = subprocess.run([sys.executable, "-m", "rwkvslice.cli", "export", "--ckpt", str(ref), "--official",
-                           str(pth), "--safetensors", str(tmp_path / "exported")], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    exported = load_file(str(tmp_path / "exported" / "rwkvslice_model.safetensors"))  # and the safetensors layout
+    pth = cli.tmp / "model.pth"
+    assert main(["export", "--ckpt", str(ref), "--official", str(pth), "--safetensors",
+                 str(cli.tmp / "exported")]) == 0
+    exported = load_file(str(cli.tmp / "exported" / "rwkvslice_model.safetensors"))  # and the safetensors layout
     assert exported.keys() == ours.keys() and all(torch.equal(exported[k], ours[k]) for k in ours)
-    assert json.loads((tmp_path / "exported" / "run.json").read_text())["tokenizer"] == "byte"
+    assert json.loads((cli.tmp / "exported" / "run.json").read_text())["tokenizer"] == "byte"
     os.environ["RWKV_V7_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ["RWKV_CUDA_ON"] = "0"
@@ -301,7 +437,70 @@ def test_cli_fsdp_matches_one_process_resumes_after_sigkill_and_exports(tmp_path
     tokens = list(range(1, 40))
     with torch.no_grad():
         expected = trained(torch.tensor([tokens]))[0]
-        got, _ = rwkv_model.RWKV(str(tmp_path / "model"), strategy="cpu fp32").forward(tokens, None,
+        got, _ = rwkv_model.RWKV(str(cli.tmp / "model"), strategy="cpu fp32").forward(tokens, None,
                                                                                       full_output=True)
     rms = ((got.double() - expected.double()).pow(2).mean().sqrt() / expected.double().pow(2).mean().sqrt())
     assert rms.item() < 1e-5  # fp32 both sides (test_interop_official.py explains the 1e-7-level gap)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+@needs_cpu_fsdp
+@pytest.mark.slow  # shares the fixture above
+@pytest.mark.parametrize("kind", ["lora", "state"])
+def test_cli_fsdp_tuned_run_matches_one_process_and_exports_like_it(cli, kind):
+    """--tune lora (with --eval-data) / state under FSDP: the losses and held-out losses of one process
+    with the whole batch; a checkpoint of only the trainable tensors (the non-sharded tuned layout);
+    exported (.pth merged, or the state file) like the one-process run."""
+    from rwkvslice.cli import main
+
+    ours, theirs = cli.tmp / f"fsdp-{kind}", cli.tmp / f"single-{kind}"
+    a, b = _records(ours), _records(theirs)
+    assert [r["step"] for r in a] == list(range(1, 4))
+    for x, y in zip(a, b, strict=True):
+        assert x["kept_tokens"] == y["kept_tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] > 0  # the trainable tensors get gradients (the base has no zero weights)
+        if kind == "lora":  # evaluated every step; the same windows, batched by 2 over 2 ranks vs 4 in one
+            assert x["eval_tokens"] == y["eval_tokens"] > 0
+            assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-5)
+    final = ours / "checkpoints" / "step-00000003"
+    assert not (final / "dcp").exists() and not (final / "rwkvslice_model.safetensors").exists()
+    mine = load_file(str(final / "peft.safetensors"))
+    ref = load_file(str(theirs / "checkpoints" / "step-00000003" / "peft.safetensors"))
+    assert mine.keys() == ref.keys() and (kind != "state" or set(mine) == {"initial_state"})
+    for k in ref:  # AdamW: the full run's bound (above)
+        assert _rel(mine[k], ref[k]) < 1e-3, k
+    out = {w: cli.tmp / f"export-{kind}-{w}.pth" for w in ("fsdp", "single")}
+    flag = "--official" if kind == "lora" else "--state"
+    for w, run in (("fsdp", ours), ("single", theirs)):
+        assert main(["export", "--ckpt", str(run), flag, str(out[w])]) == 0
+    got, want = (torch.load(out[w], weights_only=True) for w in ("fsdp", "single"))
+    base = torch.load(cli.tmp / "base.pth", weights_only=True)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert _rel(got[k], want[k]) < 1e-3, k
+    if kind == "lora":  # merged: the adapted weights moved away from the base
+        assert got.keys() == base.keys()
+        assert _rel(got["blocks.0.att.key.weight"], base["blocks.0.att.key.weight"]) > 1e-5
+    else:
+        assert len(got) == 2 and got["blocks.0.att.time_state"].abs().max() > 0
+
+
+@needs_cpu_fsdp
+@pytest.mark.slow  # shares the fixture above
+def test_cli_fsdp_lora_run_resumes_bit_for_bit(cli):
+    """A --shard fsdp --tune lora run resumed from its step-1 checkpoint logs the same losses and
+    held-out losses and ends with the same adapters and optimizer state, bit for bit."""
+    ref, run = cli.tmp / "uninterrupted-lora", cli.tmp / "fsdp-lora"
+    assert _losses(run) == _losses(ref) and all(e is not None for _, _, e in _losses(ref))
+    a, b = (r / "checkpoints" / "step-00000003" for r in (ref, run))
+    assert (a / "peft.safetensors").read_bytes() == (b / "peft.safetensors").read_bytes()
+    oa, ob = (torch.load(d / "optimizer.pt", weights_only=True) for d in (a, b))
+    # (torch's set_optimizer_state_dict hands the betas back as a list: the same two numbers)
+    plain = [[{k: list(v) if k == "betas" else v for k, v in g.items()} for g in o["param_groups"]] for o in (oa, ob)]
+    assert plain[0] == plain[1] and oa["state"].keys() == ob["state"].keys()
+    for name, state in oa["state"].items():
+        for key, v in state.items():
+            assert torch.equal(v, ob["state"][name][key]), (name, key)

@@ -33,21 +33,26 @@ from sourcetree import (
 
 @pytest.mark.component("Loss Computation")
 def test_model_loss_goes_through_sliced_cross_entropy():
-    """RWKV7.loss scores only kept positions: it hands the hidden states and the head *weight* to
-    rwkvslice.slicing.sliced_cross_entropy and never applies the head (or the model's forward)."""
+    """RWKV7.loss scores only kept positions: it hands the hidden states to the head's `loss` (Head.loss,
+    a method of the head so FSDP can shard the head as its own unit), which passes its *weight* to
+    rwkvslice.slicing.sliced_cross_entropy; neither applies the head (or the model's forward)."""
     path = SRC / "model" / "rwkv7.py"
     loss = find_function(path, "RWKV7.loss")
-    assert loss is not None, f"{rel(path)}: RWKV7.loss not found"
+    head_loss = find_function(path, "Head.loss")
+    assert loss is not None and head_loss is not None, f"{rel(path)}: RWKV7.loss / Head.loss not found"
     names = [call_name(c) for c in calls(loss)]
-    sliced = [c for c in calls(loss) if call_name(c).split(".")[-1] == "sliced_cross_entropy"]
-    assert sliced, f"RWKV7.loss must call sliced_cross_entropy, calls {names}"
-    assert any(dotted(arg) == "self.head.weight" for arg in sliced[0].args), (
-        "RWKV7.loss must pass self.head.weight (not logits) to sliced_cross_entropy"
+    assert "self.head.loss" in names, f"RWKV7.loss must score through self.head.loss, calls {names}"
+    sliced = [c for c in calls(head_loss) if call_name(c).split(".")[-1] == "sliced_cross_entropy"]
+    assert sliced, f"Head.loss must call sliced_cross_entropy, calls {[call_name(c) for c in calls(head_loss)]}"
+    assert any(dotted(arg) == "self.weight" for arg in sliced[0].args), (
+        "Head.loss must pass self.weight (not logits) to sliced_cross_entropy"
     )
     forbidden = {"self.head", "self", "self.forward", "F.linear", "torch.nn.functional.linear"}
-    bad = [n for n in names if n in forbidden or n.endswith("cross_entropy") and "sliced" not in n]
-    assert not bad, f"RWKV7.loss must not build logits itself, but calls {bad}"
-    imports = imported_modules(loss, "rwkvslice.model.rwkv7") | imported_modules(
+    for fn in (loss, head_loss):
+        used = [call_name(c) for c in calls(fn)]
+        bad = [n for n in used if n in forbidden or n.endswith("cross_entropy") and "sliced" not in n]
+        assert not bad, f"{fn.name} must not build logits itself, but calls {bad}"
+    imports = imported_modules(head_loss, "rwkvslice.model.rwkv7") | imported_modules(
         parse(path), "rwkvslice.model.rwkv7"
     )
     assert "rwkvslice.slicing.sliced_cross_entropy" in imports or any(

@@ -287,6 +287,17 @@ class Block(nn.Module):
         return x + self.ffn.step(h, state_in[2]), v_first
 
 
+class Head(nn.Linear):
+    """The output projection (V x C, bias-free). `loss` scores hidden states through it without ever
+    forming the logits. It is the head's own method, not only RWKV7's, so that FSDP can make the head a
+    unit of its own (gathered just for the loss, train/sharding.py) while `model.loss` still calls it."""
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, num_items=None) -> torch.Tensor:
+        from rwkvslice.slicing import sliced_cross_entropy
+
+        return sliced_cross_entropy(h, self.weight, targets, num_items=num_items)
+
+
 class RWKV7(nn.Module):
     initial_state: nn.Parameter | None  # registered in __init__ (see there)
 
@@ -296,7 +307,7 @@ class RWKV7(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Head(config.n_embd, config.vocab_size, bias=False)
         # Activation checkpointing for training (a training choice, so not part of the config or
         # checkpoints): keep only each block's inputs and recompute its forward during backward, per
         # block and, with grad_checkpoint_len = n, per segment of n tokens (peak activations of one
@@ -517,12 +528,10 @@ class RWKV7(nn.Module):
         targets[b, t] is the token that should follow idx[b, t]. Returns sum / (num_items or N kept).
         resets: (B, T) bool, True where a packed sample starts (see hidden_states).
         """
-        from rwkvslice.slicing import sliced_cross_entropy
-
         if targets.shape != idx.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx {tuple(idx.shape)}")
         h, _ = self.hidden_states(idx, resets=resets)
-        return sliced_cross_entropy(h, self.head.weight, targets, num_items=num_items)
+        return self.head.loss(h, targets, num_items=num_items)
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoints.

@@ -143,12 +143,15 @@ def weights_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
-def save_tuned(model: Any, directory: Path, base: dict) -> None:
-    """Write peft.safetensors, peft.json and rwkvslice_config.json of a tuned model into `directory`."""
+def save_tuned(model: Any, directory: Path, base: dict, trainable: dict[str, torch.Tensor] | None = None) -> None:
+    """Write peft.safetensors, peft.json and rwkvslice_config.json of a tuned model into `directory`.
+
+    `trainable`: the trainable tensors when the model's own are shards (FSDP gathers them first)."""
     from safetensors.torch import save_file
 
     spec: TuneSpec = model.peft_spec
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in trainable_tensors(model).items()}
+    trainable = trainable_tensors(model) if trainable is None else trainable
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}
     for name, (A, B) in getattr(model, "peft_pissa", {}).items():
         tensors[f"pissa_init.{name}.lora_A"] = A.detach().cpu().contiguous()
         tensors[f"pissa_init.{name}.lora_B"] = B.detach().cpu().contiguous()

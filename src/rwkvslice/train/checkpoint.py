@@ -104,12 +104,12 @@ def to_plain(obj):
     return obj
 
 
-def _write_weights(model, directory: Path) -> None:
+def _write_weights(model, directory: Path, trainable: dict | None = None) -> None:
     spec = getattr(model, "peft_spec", None)
     if spec is not None and spec.kind != "full":
         from rwkvslice.peft.tuning import save_tuned
 
-        save_tuned(model, directory, model.peft_base)
+        save_tuned(model, directory, model.peft_base, trainable)
     elif hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
     else:  # a plain nn.Module (tests): weights only
@@ -131,6 +131,7 @@ def save_checkpoint(
     keep: int = 3,
     protect: tuple[str, ...] = (),
     sharded_state: Path | None = None,
+    tuned_state: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write OUT/checkpoints/step-XXXXXXXX atomically, then delete all but the newest `keep`.
 
@@ -138,6 +139,8 @@ def save_checkpoint(
     are never rotated away (the --keep-best one). Returns the final directory.
     `sharded_state`: a directory of DCP shards every rank wrote (sharding.save_shards); it is moved in as
     dcp/ in place of the weights and optimizer.pt, and only the model config is written from `model`.
+    `tuned_state`: (trainable tensors, optimizer state) of a sharded tuned run, gathered whole
+    (sharding.gather_trainable); written as a non-sharded tuned run's files.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,8 +157,9 @@ def save_checkpoint(
             config = {"model_type": NATIVE_MODEL_TYPE, **model.config.to_dict()}
             (tmp / NATIVE_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         else:
-            _write_weights(model, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            trainable, optim_state = tuned_state if tuned_state is not None else (None, optimizer.state_dict())
+            _write_weights(model, tmp, trainable)
+            torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(to_plain(dict(trainer_state, step=step)), tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(dict(run_info, step=step), indent=2, default=str) + "\n")
         for f in tmp.iterdir():

@@ -5,9 +5,13 @@ the two report the same number for the same checkpoint. The windows of the file 
 `batch_size` in file order; `max_batches` keeps the first K of them. Under DDP batch i is evaluated by
 rank i % world_size and the (CE sum, kept count) pairs are all-reduced, so every rank gets the same
 number and the batches are exactly those of a single process (the sums differ only in addition order).
+Under FSDP every forward is a collective (each unit all-gathers its weights inside it), so there every
+rank runs the same number of forwards: a rank with no batch left in the last round (or a batch without
+kept targets) still runs one, whose result it drops.
 
 It always runs in fp32 without autocast, whatever the training precision, so a bf16 run's held-out loss
-is comparable with an fp32 run's and with `rwkvslice eval`.
+is comparable with an fp32 run's and with `rwkvslice eval` (except under `--shard fsdp --precision bf16`,
+where FSDP's mixed-precision policy gathers the weights in bf16 for every forward).
 """
 
 from __future__ import annotations
@@ -53,15 +57,19 @@ def evaluate_loss(model, dataset, *, batch_size: int, max_batches: int | None = 
     ranges = batch_ranges(len(dataset), batch_size, max_batches)
     ce_sum = torch.zeros((), dtype=torch.float64)
     kept = windows = 0
+    lockstep = world > 1 and _is_sharded(model)
+    stop = -(-len(ranges) // world) * world if lockstep else len(ranges)  # lockstep: whole rounds
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(rank, len(ranges), world):
-                idx, targets = collate([dataset[j] for j in ranges[i]])
-                n = int((targets != IGNORE_INDEX).sum())
-                windows += len(ranges[i])
+            for i in range(rank, stop, world):
+                idx, targets = collate([dataset[j] for j in ranges[min(i, len(ranges) - 1)]])
+                n = int((targets != IGNORE_INDEX).sum()) if i < len(ranges) else 0
+                windows += len(ranges[i]) if i < len(ranges) else 0
                 if n == 0:
+                    if lockstep:  # the other ranks' forwards need this rank's part of every all-gather
+                        model.loss(idx.to(device), targets.to(device))
                     continue
                 # the batch's mean CE times its kept count: the CE sum (accumulated in fp64 across batches)
                 ce_sum += model.loss(idx.to(device), targets.to(device)).double().cpu() * n
@@ -74,6 +82,12 @@ def evaluate_loss(model, dataset, *, batch_size: int, max_batches: int | None = 
         ce_sum, kept, windows = totals[0].cpu(), int(totals[1].item()), int(totals[2].item())
     loss = ce_sum.item() / kept if kept else float("nan")
     return EvalResult(loss=loss, tokens=kept, windows=windows, batches=len(ranges))
+
+
+def _is_sharded(model) -> bool:
+    from rwkvslice.train.sharding import is_sharded
+
+    return is_sharded(model)
 
 
 class HeldOutEval:

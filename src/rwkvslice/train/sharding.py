@@ -9,14 +9,17 @@ on the local shards (AdamW's per-tensor loop works on DTensors unchanged).
 
 What the trainer needs from this module (the hooks are narrow on purpose):
 - `check_launch`: refuse `--shard fsdp` where it cannot run (no distributed launch, no FSDP2).
-- `shard_model`: `fully_shard` the embedding and each block, then the root; `model.loss` registered as a forward method,
-  since slicing calls `model.loss`, not `forward`. bf16 goes through FSDP2's MixedPrecisionPolicy.
+- `shard_model`: `fully_shard` the embedding, each block and the head, then the root; `model.loss` and
+  `model.head.loss` registered as forward methods, since slicing calls them, not `forward`. bf16 goes
+  through FSDP2's MixedPrecisionPolicy.
 - `ShardedLossModule`: the LossModule whose `no_sync()` turns the gradient reduce-scatter off on the
   non-final accumulation micro-batches (as DDP's `no_sync`).
 - `save_shards` / `load_shards`: torch.distributed.checkpoint of the model and optimizer state; every
   rank writes its own shards, nothing is gathered on one rank. The checkpoint directory holds `dcp/`
   instead of model.safetensors + optimizer.pt (checkpoint.py publishes it atomically as usual). All ranks
   must see the same --out directory (one machine, or a shared file system).
+- `gather_trainable` / `load_gathered_optimizer`: a tuned run (--tune lora|state) writes the usual tuned
+  checkpoint instead (only the small trainable tensors and their optimizer state, gathered on rank 0).
 - `load_full_model`: a sharded checkpoint as a plain RWKV7 in one process (for `rwkvslice export`).
 """
 
@@ -98,13 +101,20 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
         mp = api.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = api.MixedPrecisionPolicy()
-    # the embedding is its own unit (gathered only for the lookup and its backward: with a 65536-token
-    # vocab it is as large as several blocks); the head stays in the root, since model.loss hands
-    # head.weight to the sliced loss without calling the module
-    for unit in (model.emb, *model.blocks):
+    # the embedding and the head are units of their own, gathered only around their use and its backward
+    # (with a 65536-token vocab each is as large as several blocks). The root (final norm, a tuned initial
+    # state) is never resharded between forward and backward, so what stays in it stays whole all step.
+    for unit in (model.emb, *model.blocks, model.head):
         api.fully_shard(unit, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     api.fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    api.register_fsdp_forward_method(model, "loss")  # slicing runs model.loss, never forward
+    # slicing runs model.loss, never forward; and model.loss runs head.loss (the sliced CE on head.weight)
+    api.register_fsdp_forward_method(model, "loss")
+    api.register_fsdp_forward_method(model.head, "loss")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Is `model` an FSDP2 module (its forwards are collectives: every rank must run the same number)?"""
+    return callable(getattr(model, "set_requires_gradient_sync", None)) and callable(getattr(model, "unshard", None))
 
 
 class ShardedLossModule(LossModule):
@@ -173,6 +183,46 @@ def save_shards(root: str | Path, step: int, model: nn.Module, optimizer: torch.
     dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(staged))
     barrier(env)  # every rank's files are on disk before rank 0 publishes the directory
     return staged
+
+
+# A tuned run (--tune lora|state) under FSDP: its checkpoint has exactly the layout of a non-sharded tuned
+# run (peft.safetensors, peft.json, optimizer.pt; tuning.py), so export, eval, generate and the resume
+# path read it unchanged. The trainable tensors are small (adapters, a state), so they and their AdamW
+# moments are gathered whole onto rank 0 for writing, and never the frozen base, which the checkpoint
+# identifies by its sha256 instead of storing it.
+
+
+def gather_trainable(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Collective: (trainable tensors by name, optimizer state dict keyed by parameter name), whole and
+    on the CPU of rank 0 ({} on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+
+
+def load_gathered_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Collective: restore an optimizer state written by gather_trainable (every rank read the whole
+    file; each keeps its own shard of every moment)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    try:
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot restore the optimizer state of a sharded tuned run: "
+                              f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+
+
+def checkpoint_parts(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     env: DistEnv) -> dict:
+    """Collective, before rank 0 writes a checkpoint: save_checkpoint's keyword arguments for a sharded
+    run (the DCP shards every rank wrote, or a tuned run's gathered trainable state)."""
+    spec = getattr(model, "peft_spec", None)
+    if spec is not None and spec.kind != "full":
+        return {"tuned_state": gather_trainable(model, optimizer)}
+    return {"sharded_state": save_shards(root, step, model, optimizer, env)}
 
 
 def load_shards(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

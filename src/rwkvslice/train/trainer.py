@@ -162,13 +162,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data is None:
         raise ConfigError("no training data: pass --data PATH (or --demo)")
     cfg.tune_spec().validate()
-    # Not composed yet (refused rather than run wrong): a tuned run's checkpoint holds only its trainable
-    # tensors while DCP saves every shard, and held-out evaluation gives ranks uneven batch counts, which
-    # under FSDP (every forward a collective) would hang.
-    if cfg.shard == "fsdp" and cfg.tune != "full":
-        raise ConfigError(f"--shard fsdp does not support --tune {cfg.tune} yet; use DDP (--shard none)")
-    if cfg.shard == "fsdp" and cfg.eval_data is not None:
-        raise ConfigError("--shard fsdp does not support --eval-data yet; evaluate checkpoints with `rwkvslice eval`")
     for name in ("eval_every", "eval_batches"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -346,8 +339,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
             peft_run.attach(model, cfg.tune_spec(), init_from=cfg.init_from, model_arg=cfg.model,
                             seed=cfg.seed, log=log if env.is_main else None)
         start_step = 0
-    model.to(env.device)
-    if cfg.tune != "full" and cfg.precision == "bf16" and env.device.type == "cuda":
+    if cfg.shard == "none":  # fsdp: fully_shard moves each unit to the device as it shards it (below), so
+        model.to(env.device)  # no process ever holds the whole model on its accelerator
+    if cfg.tune != "full" and cfg.precision == "bf16" and env.device.type == "cuda" and cfg.shard == "none":
         keep_frozen_in_bf16(model)  # only trainable tensors need fp32 masters
     model.train()
     model.grad_checkpointing = cfg.grad_checkpoint or cfg.grad_checkpoint_len is not None
@@ -364,6 +358,8 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
     if latest is not None:
         if optim_state is None:  # a sharded checkpoint: weights and optimizer state from dcp/
             sharding.load_shards(latest, model, optimizer)
+        elif cfg.shard == "fsdp":  # a sharded tuned run: the whole optimizer state, gathered when saved
+            sharding.load_gathered_optimizer(model, optimizer, optim_state)
         else:
             optimizer.load_state_dict(optim_state)
         schedule.load_state_dict(trainer_state["schedule"])
@@ -481,8 +477,9 @@ def _train(cfg: TrainConfig, env: DistEnv, after_step, log, started: float) -> T
 def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env, held_out=None) -> Path:
     rngs = all_gather_objects(capture_rng_state(), env)  # collective: every rank takes part
     path = Path(root) / ckpt_io.step_dir_name(step)
-    # fsdp: every rank writes its shards first (collective); rank 0 then publishes them with the rest
-    staged = sharding.save_shards(root, step, model, optimizer, env) if cfg.shard == "fsdp" else None
+    # fsdp: every rank writes its shards (or gathers a tuned run's trainable state) first, a collective;
+    # rank 0 then publishes them with the rest
+    parts = sharding.checkpoint_parts(root, step, model, optimizer, env) if cfg.shard == "fsdp" else {}
     if env.is_main:
         trainer_state = {"schedule": schedule.state_dict(), "loader": loader.state_dict(), "rng": rngs,
                          "eval": held_out.state_dict() if held_out is not None else {}}
@@ -490,6 +487,6 @@ def _save(root, step, model, optimizer, schedule, loader, run_info, cfg, env, he
         path = ckpt_io.save_checkpoint(root, step, model=model, optimizer=optimizer,
                                        trainer_state=trainer_state, run_info=run_info, keep=cfg.keep,
                                        protect=() if best is None else (ckpt_io.step_dir_name(best),),
-                                       sharded_state=staged)
+                                       **parts)
     barrier(env)
     return path
