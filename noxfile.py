@@ -80,9 +80,10 @@ TORCH_MATRIX_EXTRA = _versions("RWKVSLICE_TORCH_MATRIX_EXTRA", TORCH_NEWEST)
 # need rwkv7-hf + transformers, which only the integration session installs (on the pinned torch).
 MATRIX_MARKERS = "not gpu and not slow and not hf"
 # rwkv7-hf (the HF reference of tests/integration/test_interop_hf.py) and the transformers it was tested
-# with, and HF peft (the reader of our adapter files, test_peft_interop.py); installed in one command
-# together with the pinned torch, so the resolver cannot move torch.
-HF_INTEROP_DEPS = ["rwkv7-hf==0.9.0", "transformers==5.24.0", "peft==0.21.2"]
+# with, HF peft (the reader of our adapter files, test_peft_interop.py) and tensorboard (the reader of
+# --tensorboard's event files, test_train_eval.py); installed in one command together with the pinned
+# torch, so the resolver cannot move torch.
+HF_INTEROP_DEPS = ["rwkv7-hf==0.9.0", "transformers==5.24.0", "peft==0.21.2", "tensorboard==2.21.0"]
 
 # Optional extras the torch sessions install: the World tokenizer / `rwkv` interop reference and the loss plot.
 EXTRAS = "world,plot"
