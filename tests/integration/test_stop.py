@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from cli_runs import fork
+from cli_runs import fork, metric_lines
 from safetensors.torch import load_file
 from test_ddp import WORLD
 
@@ -181,11 +181,6 @@ def test_max_time_stops_like_a_signal_then_resumes_exactly(tmp_path, files, refe
 STEPS = 16
 
 
-def _metric_lines(out):
-    p = out / "metrics.jsonl"
-    return len(p.read_text().splitlines()) if p.is_file() else 0
-
-
 @pytest.fixture(scope="module")
 def process_reference(tmp_path_factory, files):
     """The uninterrupted run, through main() in this process (a reference only writes files: cli_runs.py)."""
@@ -203,7 +198,7 @@ def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_referen
     proc = fork(["-m", "rwkvslice.cli", *argv(files, out, steps=STEPS)])  # a real process (cli_runs.py)
     try:
         deadline = time.monotonic() + 240
-        while _metric_lines(out) < wait_for and proc.poll() is None and time.monotonic() < deadline:
+        while metric_lines(out) < wait_for and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))  # anywhere in a step: forward, backward, eval, checkpoint write
         proc.send_signal(signal.SIGTERM)
@@ -219,7 +214,7 @@ def test_sigterm_at_a_random_moment_then_resume(tmp_path, files, process_referen
     assert proc.returncode == 143, (wait_for, proc.returncode, stderr[-2000:])
     stopped = STOP_LINE.match(stdout.strip().splitlines()[-1]) if stdout.strip() else None
     if stopped:  # a clean stop: the named checkpoint is the newest and holds the last logged step
-        assert stopped.group(2) == str(_metric_lines(out)) and stopped.group(3) == str(STEPS)
+        assert stopped.group(2) == str(metric_lines(out)) and stopped.group(3) == str(STEPS)
         assert stopped.group(4) == str(latest_checkpoint(out / "checkpoints"))
     else:  # the second signal cut the save short
         assert signals == 2 and "rwkvslice: second SIGTERM: stopped at once without saving" in stderr, stderr
@@ -278,7 +273,7 @@ def test_ddp_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, files):
     procs = start_ranks(tmp_path, ddp_argv(files, out), "run")
     try:
         deadline = time.monotonic() + 240
-        while _metric_lines(out) < wait_for and procs[1].poll() is None and time.monotonic() < deadline:
+        while metric_lines(out) < wait_for and procs[1].poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
         procs[1].send_signal(signal.SIGTERM)
@@ -286,7 +281,7 @@ def test_ddp_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, files):
         results = finish_ranks(procs)
     assert [rc for rc, _, _ in results] == [143, 143], [err[-2000:] for _, _, err in results]
     m = STOP_LINE.match(results[0][1].strip().splitlines()[-1])
-    assert m and m.group(1) == "stopped by SIGTERM" and m.group(2) == str(_metric_lines(out)), results[0][1]
+    assert m and m.group(1) == "stopped by SIGTERM" and m.group(2) == str(metric_lines(out)), results[0][1]
     assert not results[1][1].strip()  # rank 1 says nothing: rank 0 speaks for the run
     assert m.group(4) == str(latest_checkpoint(out / "checkpoints"))
     assert json.loads((latest_checkpoint(out / "checkpoints") / "run.json").read_text())["world_size"] == 2
@@ -317,7 +312,7 @@ def test_sigterm_to_torchrun_reaches_the_workers_and_they_checkpoint(tmp_path, f
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while _metric_lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while metric_lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
@@ -328,7 +323,7 @@ def test_sigterm_to_torchrun_reaches_the_workers_and_they_checkpoint(tmp_path, f
     lines = [ln for ln in stdout.splitlines() if STOP_LINE.match(ln)]
     assert len(lines) == 1, (stdout, stderr[-3000:])  # rank 0 speaks for both
     m = STOP_LINE.match(lines[0])
-    assert m.group(2) == str(_metric_lines(out)) and int(m.group(2)) < 40
+    assert m.group(2) == str(metric_lines(out)) and int(m.group(2)) < 40
     assert m.group(4) == str(latest_checkpoint(out / "checkpoints"))
     ckpt_io.load_trainer_files(m.group(4))  # complete
 
