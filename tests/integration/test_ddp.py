@@ -147,37 +147,49 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
             assert torch.equal(ranks[0][k], ranks[1][k]), k
 
 
-@pytest.mark.slow  # 2 rank processes + one run in this process: integration runs it; the torch matrix skips it
-def test_cli_under_torchrun_env_matches_single_process(tmp_path):
-    """`rwkvslice train` with torchrun's env: rank 0 alone writes; losses equal a 1-process 2b run."""
-    data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")
-    common = ["--data", str(data), "--model", "demo", "--ctx-len", "32", "--steps", "3", "--lr", "2e-3",
-              "--warmup-steps", "1", "--no-progress", "--device", "cpu"]
-    ddp_out = tmp_path / "ddp"
+def ranks_vs_one_process(tmp_path, common, steps=3):
+    """`rwkvslice train COMMON` on WORLD ranks at batch 4 each (torchrun's env) and in this process at batch
+    8: both must succeed and log the same steps, tokens, kept tokens and losses (rel 1e-5: fp32 sums in
+    another order). Returns the two run directories."""
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     results = launch(tmp_path, lambda r: [sys.executable, "-m", "rwkvslice.cli", "train", "--out", str(ddp_out),
                                           "--batch-size", "4", *common])
     for rc, err in results:
         assert rc == 0, err[-3000:]
-    single_out = tmp_path / "single"
     run_in_process(["train", "--out", single_out, "--batch-size", "8", *common])  # cli_runs.py
 
     def recs(out):
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     ddp, single = recs(ddp_out), recs(single_out)
-    assert [r["step"] for r in ddp] == [1, 2, 3]
-    for a, b in zip(ddp, single):
+    assert [r["step"] for r in ddp] == list(range(1, steps + 1))
+    for a, b in zip(ddp, single, strict=True):
         assert a["tokens"] == b["tokens"] and a["kept_tokens"] == b["kept_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    run = json.loads((ddp_out / "checkpoints" / "step-00000003" / "run.json").read_text())
-    assert run["world_size"] == 2
-    a = load_file(str(ddp_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors"))
-    b = load_file(str(single_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors"))
-    # Per tensor, norm-relative: Adam divides each gradient by its running RMS, so an element whose
-    # gradient is at float-noise level (e.g. att.key right after the zero-initialised att.output starts to
-    # move) can take a +-lr step on one side and not the other when the all-reduce sums in another order.
-    # Such elements are few; a real normalisation bug (a factor of world_size, a wrong num_items) moves
-    # every element by O(lr) and fails this by orders of magnitude.
+    return ddp_out, single_out
+
+
+def assert_tensors_close_after_adamw(a: dict, b: dict) -> None:
+    """Per tensor, norm-relative < 1e-3. Adam divides each gradient by its running RMS, so an element whose
+    gradient is at float-noise level (e.g. att.key right after the zero-initialised att.output starts to
+    move) can take a +-lr step on one side and not the other when the all-reduce sums in another order.
+    Such elements are few; a real normalisation bug (a factor of world_size, a wrong num_items) moves
+    every element by O(lr) and fails this by orders of magnitude."""
+    assert a.keys() == b.keys() and a
     for k in a:
         err = ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)).item()
         assert err < 1e-3, (k, err)
+
+
+@pytest.mark.slow  # 2 rank processes + one run in this process: integration runs it; the torch matrix skips it
+def test_cli_under_torchrun_env_matches_single_process(tmp_path):
+    """`rwkvslice train` with torchrun's env: rank 0 alone writes; losses equal a 1-process 2b run."""
+    data = DemoTask(seed=4).write_jsonl(tmp_path / "train.jsonl", 64, "train")
+    common = ["--data", str(data), "--model", "demo", "--ctx-len", "32", "--steps", "3", "--lr", "2e-3",
+              "--warmup-steps", "1", "--no-progress", "--device", "cpu"]
+    ddp_out, single_out = ranks_vs_one_process(tmp_path, common)
+    run = json.loads((ddp_out / "checkpoints" / "step-00000003" / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert_tensors_close_after_adamw(
+        load_file(str(ddp_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors")),
+        load_file(str(single_out / "checkpoints" / "step-00000003" / "rwkvslice_model.safetensors")))
