@@ -167,6 +167,19 @@ def test_state_passing_between_segments(model):
     assert rel_err(state.wkv, full_state.wkv) < 1e-5
 
 
+def test_a_block_returns_shift_states_that_do_not_hold_its_activations(model):
+    """The token-shift states a block returns own just their B x C (not views of the B x T x C inputs):
+    during a no-grad prefill the layers' states are kept until the last layer, so views would keep every
+    layer's normalised inputs alive with them."""
+    B, T, C = 2, 40, model.config.n_embd
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        _, _, s_att, _, s_ffn = model.blocks[0](x, None)
+    for s in (s_att, s_ffn):
+        assert s.shape == (B, C) and s._base is None
+        assert s.untyped_storage().nbytes() == B * C * x.element_size()
+
+
 def test_batch_rows_are_independent(model):
     idx = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

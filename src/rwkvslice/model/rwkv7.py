@@ -181,7 +181,9 @@ class TimeMix(nn.Module):
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.view(B, T, C)
-        return linear_of(self.output, torch.mul, y, g), v_first, x[:, -1], wkv_state  # output(y * g)
+        # the shift state is a copy of the last token (B x C), not a view: a view would keep all of x
+        # (B x T x C) alive as long as the state, and a prefill's state outlives its activations
+        return linear_of(self.output, torch.mul, y, g), v_first, x[:, -1].clone(), wkv_state  # output(y * g)
 
     def step(self, x, v_first, shift, wkv_in, wkv_out):
         """RNN mode for one token per row: x, shift (B, C); WKV state (B, H, N, N) fp32. Under no_grad.
@@ -244,7 +246,7 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift=None, resets=None):
         xx = _token_shift(x, shift, resets)
         k = torch.relu(self.key(x + xx * self.x_k))
-        return linear_of(self.value, torch.square, k), x[:, -1]  # value(k ** 2)
+        return linear_of(self.value, torch.square, k), x[:, -1].clone()  # value(k ** 2); a copy: see TimeMix
 
     def step(self, x, shift):
         """RNN mode for one token per row: x, shift (B, C). Under no_grad."""

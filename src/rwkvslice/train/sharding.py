@@ -11,7 +11,9 @@ What the trainer needs from this module (the hooks are narrow on purpose):
 - `check_launch`: refuse `--shard fsdp` where it cannot run (no distributed launch, no FSDP2).
 - `shard_model`: `fully_shard` the embedding, each block and the head, then the root; `model.loss` and
   `model.head.loss` registered as forward methods, since slicing calls them, not `forward`. bf16 goes
-  through FSDP2's MixedPrecisionPolicy.
+  through FSDP2's MixedPrecisionPolicy. The embedding and the head are never gathered in backward, and
+  on CPU the gradient reduction and the all-gathers avoid gloo's and FSDP's extra copies
+  (`InPlaceReduceScatter`; reports/bench-fsdp.md).
 - `ShardedLossModule`: the LossModule whose `no_sync()` turns the gradient reduce-scatter off on the
   non-final accumulation micro-batches (as DDP's `no_sync`).
 - `save_shards` / `load_shards`: torch.distributed.checkpoint of the model and optimizer state; every
@@ -128,6 +130,12 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
         # async all-gather; gloo runs it at once either way).
         if hasattr(model, "_set_unshard_async_op"):
             model._set_unshard_async_op(True)  # type: ignore[operator]
+    # Blocks 1..L-1 hand v_first (layer 0's values) on unchanged, and FSDP2 passes a unit's inputs through
+    # an autograd Function (its post-backward hook), which makes that tensor a view: FSDP2 then warns, on
+    # every run, that an in-place op on a view output would skip its hooks. Nothing modifies a block's
+    # outputs in place (the shift states are copies, rwkv7.py), so this one warning says nothing here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
+                            category=UserWarning)
     # slicing runs model.loss, never forward; and model.loss runs head.loss (the sliced CE on head.weight)
     api.register_fsdp_forward_method(model, "loss")
     api.register_fsdp_forward_method(model.head, "loss")
