@@ -110,14 +110,15 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
     # reading the weight, and the head's sliced loss computes both of its gradients in forward
     # (slicing.chunked), so backward only hands them over. So both are freed right after their forward
     # (whatever --reshard-after-forward says: there is no re-gather to save) and never gathered again:
-    # at 65536 x 1024 that is 256 MiB less, at the moment the step peaks (the head's backward, while all
-    # activations are still alive), and one all-gather less each per step.
+    # one V x C all-gather less each per step, and no V x C copy of the head while its gradient is
+    # reduced, early in backward, when every activation is still alive.
     api.fully_shard(model.emb, reshard_after_forward=True, mp_policy=mp)
     for block in model.blocks:
         api.fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     api.fully_shard(model.head, reshard_after_forward=True, mp_policy=mp)
     for unit in (model.emb, model.head):
-        unit.set_unshard_in_backward(False)  # type: ignore[operator]
+        if hasattr(unit, "set_unshard_in_backward"):  # (torch 2.13 has it; without it they are gathered as before)
+            unit.set_unshard_in_backward(False)  # type: ignore[operator]
     api.fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     if env.device.type == "cpu":
         for unit in (model.emb, *model.blocks, model.head, model):
