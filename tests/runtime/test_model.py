@@ -16,6 +16,23 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def saved_for_backward_bytes(model, run):
+    """(bytes autograd keeps from run()'s forward for its backward, each storage once, the model's
+    parameters not counted; run()'s result)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(seen.values()), out
+
+
 def randomized(model: RWKV7, seed: int = 0, scale: float = 0.2) -> RWKV7:
     """The official init zeroes the output projections; perturb so every layer contributes."""
     g = torch.Generator().manual_seed(seed)
@@ -274,23 +291,13 @@ def test_grad_checkpointing_keeps_only_block_inputs():
     storage once, parameters excluded)."""
     torch.manual_seed(9)
     m = randomized(RWKV7(RWKV7Config(vocab_size=50, n_embd=64, n_layer=4, head_size=16))).train()
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     idx = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(10))
 
     def saved_bytes(flag: bool) -> int:
         m.grad_checkpointing = flag
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            h, _ = m.hidden_states(idx)
-        h.sum().backward()
-        return sum(seen.values())
+        saved, out = saved_for_backward_bytes(m, lambda: m.hidden_states(idx)[0])
+        out.sum().backward()
+        return saved
 
     plain, ckpt = saved_bytes(False), saved_bytes(True)
     block_input = 2 * 64 * 64 * 4  # one (B, T, C) fp32 tensor

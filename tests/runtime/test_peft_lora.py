@@ -136,6 +136,8 @@ def test_bad_targets_and_ranks_are_one_line_errors():
 # ------------------------------------------------------------------------------------------------
 # _LoRALinearFn: the adapter as one autograd node that keeps only the parts of its input.
 
+from test_model import saved_for_backward_bytes  # noqa: E402
+
 from rwkvslice.model.rwkv7 import _mix  # noqa: E402
 from rwkvslice.peft.lora import _LoRALinearFn  # noqa: E402
 
@@ -204,19 +206,8 @@ def test_lora_function_under_bf16_autocast_matches_plain_autograd():
 
 
 def _saved_bytes(model, idx):
-    """Bytes autograd keeps for backward of one forward, each storage once, parameters not counted."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.loss(idx, torch.zeros_like(idx))
-    return sum(seen.values())
+    """Bytes autograd keeps for backward of one loss forward (test_model's counter)."""
+    return saved_for_backward_bytes(model, lambda: model.loss(idx, torch.zeros_like(idx)))[0]
 
 
 class _PlainLoRALinear(LoRALinear):
