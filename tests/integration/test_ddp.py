@@ -94,8 +94,8 @@ def make_batch():
     return idx, torch.where(keep, targets, torch.full_like(targets, -100))
 
 
-def launch(tmp_path, argv_for_rank, timeout=180):
-    """Start WORLD ranks, wait, always reap. Returns their (returncode, stderr).
+def launch(tmp_path, argv_for_rank, timeout=180, world=WORLD):
+    """Start `world` ranks (WORLD unless told), wait, always reap. Returns their (returncode, stderr).
 
     `argv_for_rank(rank)` is a command line `[sys.executable, "-c", SCRIPT, ...]` or `[sys.executable, "-m",
     "rwkvslice.cli", ...]`; each rank runs it as a fork of this process (cli_runs.fork: no fresh
@@ -103,8 +103,8 @@ def launch(tmp_path, argv_for_rank, timeout=180):
     rdzv = tmp_path / "rdzv"
     procs = []
     try:
-        for rank in range(WORLD):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                        RWKVSLICE_DIST_INIT=f"file://{rdzv}", RWKVSLICE_DIST_TIMEOUT="120",
                        OMP_NUM_THREADS="1")  # as torchrun does: one thread per rank on a 2-core box
             argv = argv_for_rank(rank)

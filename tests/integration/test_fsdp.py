@@ -250,11 +250,12 @@ def test_each_rank_holds_half_of_the_parameters_and_optimizer_state(fsdp_run):
             assert abs(n / total - 1 / WORLD) < 0.02, (kind, local, total)
 
 
-# What each all-gather and reduce-scatter of a step is, seen from torch.distributed's own functions (which
-# FSDP2 calls by module attribute): every all-gather's output size, whether any all-gather output buffer
-# is still alive while the sliced loss runs (weak references), and that gloo's reduce-scatter, which copies
-# its whole input, is not used. 2 optimizer steps of 2 accumulation micro-batches each, with
-# --reshard-after-forward on and off. The embedding and the head (V x C each) dominate this model.
+# What each all-gather, all-reduce and reduce-scatter of a step is, seen from torch.distributed's own
+# functions (which FSDP2 calls by module attribute): every all-gather's output size and every all-reduce's
+# size, whether any all-gather output buffer is still alive while the sliced loss runs (weak references),
+# and that gloo's reduce-scatter, which copies its whole input, is not used. 2 optimizer steps of 2
+# accumulation micro-batches each, with --reshard-after-forward on and off. The embedding and the head
+# (V x C each) dominate this model.
 COMM_WORKER = textwrap.dedent("""
     import json, sys, time, warnings, weakref, torch
     import torch.distributed as dist
@@ -267,8 +268,12 @@ COMM_WORKER = textwrap.dedent("""
 
     out = sys.argv[1]
     env = setup_distributed("cpu")
-    gathers, buffers, alive_in_loss, gloo_reduce_scatters, depth = [], [], [], [], [0]
-    real_loss = slicing.sliced_cross_entropy
+    gathers, buffers, alive_in_loss, gloo_reduce_scatters, depth, reduces = [], [], [], [], [0], []
+    real_loss, real_all_reduce = slicing.sliced_cross_entropy, dist.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduces.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
 
     def counted(real):  # torch 2.13's FSDP2 calls all_gather_single, older ones all_gather_into_tensor
         def all_gather(output_tensor, input_tensor, *args, **kwargs):
@@ -299,13 +304,14 @@ COMM_WORKER = textwrap.dedent("""
         if hasattr(dist, name):
             setattr(dist, name, counted(getattr(dist, name)))
     dist.reduce_scatter_tensor = dist.reduce_scatter_single = gloo_reduce_scatter
+    dist.all_reduce = all_reduce
     slicing.sliced_cross_entropy = sliced_cross_entropy
     res = {}
     caught = warnings.catch_warnings(record=True)  # with the filters in force, as a user's run has them
     seen = caught.__enter__()
     try:
         for reshard in (True, False):
-            gathers.clear(); buffers.clear(); alive_in_loss.clear()
+            gathers.clear(); buffers.clear(); alive_in_loss.clear(); reduces.clear()
             torch.manual_seed(0)
             model = RWKV7(RWKV7Config(vocab_size=4096, n_embd=32, n_layer=2, head_size=16))
             sharding.shard_model(model, env, reshard_after_forward=reshard)
@@ -316,7 +322,8 @@ COMM_WORKER = textwrap.dedent("""
                 idx = torch.randint(1, 4096, (2, 16), generator=g)
                 tgt = torch.randint(1, 4096, (2, 16), generator=g)
                 train_step(loss_module, opt, [(idx[:1], tgt[:1]), (idx[1:], tgt[1:])], env, grad_clip=1.0)
-            res[str(reshard)] = {"gathers": list(gathers), "alive_in_loss": list(alive_in_loss)}
+            res[str(reshard)] = {"gathers": list(gathers), "alive_in_loss": list(alive_in_loss),
+                                 "reduces": list(reduces)}
         res["gloo_reduce_scatters"] = len(gloo_reduce_scatters)
         res["warnings"] = [str(w.message) for w in seen]
         with open(f"{out}/comm{env.rank}.json", "w") as f:
@@ -327,13 +334,14 @@ COMM_WORKER = textwrap.dedent("""
 
 
 @needs_cpu_fsdp
-def test_head_and_embedding_are_gathered_once_per_forward_and_no_gather_buffer_outlives_it(tmp_path):
-    """The V x C units cost one all-gather per micro-batch each (forward only: the embedding's backward
-    does not read its weight and the sliced loss computes the head's gradients in forward), whatever
-    --reshard-after-forward says; blocks are gathered again for backward only when it is on. No
-    all-gather's flat output buffer (a second copy of the unit) is alive while the loss runs. Gradients
-    go through the in-place all-reduce, not gloo's reduce-scatter (the equality tests above check their
-    values). And FSDP2's view-output warning does not reach the user."""
+def test_embedding_is_gathered_once_per_forward_the_head_never_and_no_gather_buffer_outlives_it(tmp_path):
+    """The embedding (V x C) costs one all-gather per micro-batch (forward only: its backward does not read
+    its weight) and one gradient reduction per step, whatever --reshard-after-forward says. The head (V x C)
+    costs neither: its loss is vocabulary-parallel, so no all-gather carries a tenth of its rows, and only
+    the embedding's V x C gradient is reduced. Blocks are gathered again for backward only when resharding
+    is on. No all-gather's flat output buffer (a second copy of the unit) is alive while the loss runs.
+    Gradients go through the in-place all-reduce, not gloo's reduce-scatter (the equality tests above check
+    their values). And FSDP2's view-output warning does not reach the user."""
     from torch.distributed.fsdp import FSDPModule
 
     results = launch(tmp_path, lambda r: [sys.executable, "-c", COMM_WORKER, str(tmp_path)])
@@ -343,14 +351,20 @@ def test_head_and_embedding_are_gathered_once_per_forward_and_no_gather_buffer_o
     blocks = block_gather_numels(n_embd=32, n_layer=2, head_size=16)
     for rank in range(WORLD):
         res = json.loads((tmp_path / f"comm{rank}.json").read_text())
-        micro_batches = 2 * 2
+        steps, micro_batches = 2, 2 * 2
         for reshard, block_gathers in (("True", 2), ("False", 1)):  # per block and micro-batch
             gathers = res[reshard]["gathers"]
-            assert gathers.count(vocab_by_channels) == 2 * micro_batches, (reshard, gathers)  # emb + head
+            assert gathers.count(vocab_by_channels) == micro_batches, (reshard, gathers)  # the embedding only
+            # the loss's own all-gathers carry hidden rows and per-row statistics, never rows of the head
+            others = [g for g in gathers if g != vocab_by_channels and g not in blocks]
+            assert max(others) < vocab_by_channels // 10, gathers
             for numel in set(blocks):
                 expected = blocks.count(numel) * block_gathers * micro_batches
                 assert gathers.count(numel) == expected, (reshard, numel, gathers)
             assert res[reshard]["alive_in_loss"] == [0] * micro_batches, (reshard, res[reshard])
+            # gradient reductions (the in-place all-reduce): the embedding's once per step (none on the
+            # no-sync micro-batch), the head's never
+            assert res[reshard]["reduces"].count(vocab_by_channels) == steps, (reshard, res[reshard]["reduces"])
         # FSDP2's warning of view outputs (blocks pass v_first on: sharding.py explains why it is silenced)
         assert not [w for w in res["warnings"] if "returned a view tensor" in w], res["warnings"]
         if hasattr(FSDPModule, "set_custom_reduce_scatter"):  # torch >= 2.8

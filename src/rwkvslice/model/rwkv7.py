@@ -291,8 +291,8 @@ class Block(nn.Module):
 
 class Head(nn.Linear):
     """The output projection (V x C, bias-free). `loss` scores hidden states through it without ever
-    forming the logits. It is the head's own method, not only RWKV7's, so that FSDP can make the head a
-    unit of its own (gathered just for the loss, train/sharding.py) while `model.loss` still calls it."""
+    forming the logits. Under FSDP the head is a unit of its own whose weight stays sharded for `loss`
+    (vocabulary-parallel, slicing.vocab_parallel; train/sharding.py)."""
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, num_items=None) -> torch.Tensor:
         from rwkvslice.slicing import sliced_cross_entropy

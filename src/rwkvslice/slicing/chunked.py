@@ -139,15 +139,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None
 
 
-def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_grad_w, grad_gemm_low=None):
-    """grad_gemm_low: force the low-precision gradient GEMMs on (True) or off (False); None decides."""
+def grad_gemm_plan(device: torch.device, compute_dtype: torch.dtype, need_grad_x: bool, need_grad_w: bool,
+                   grad_gemm_low: bool | None = None) -> tuple[bool, bool]:
+    """(low-precision gradient GEMMs?, fp32-out addmm for grad_W?) for a chunked forward, recording the
+    grad_W path for last_grad_w_path(). grad_gemm_low forces the low-precision GEMMs on or off (None decides):
+    on CUDA with bf16/fp16 once they passed their self-check, else fp32 GEMMs."""
     global _last_grad_w_path
-    num_rows = x.shape[0]
-    device = x.device
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     low_precision = compute_dtype != acc_dtype
-    # CUDA: gradient GEMMs in the low-precision dtype (tensor cores), once they passed their self-check.
-    # Otherwise fp32 GEMMs.
     if grad_gemm_low is None:
         grad_gemm_low = low_precision and device.type in LOW_PRECISION_GRAD_GEMM_DEVICES
         if grad_gemm_low and (need_grad_x or need_grad_w):
@@ -158,6 +157,59 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
     fp32_out_addmm = grad_gemm_low and need_grad_w and _has_fp32_out_addmm(device, compute_dtype)
     if need_grad_w:
         _last_grad_w_path = "addmm_fp32_out" if fp32_out_addmm else "upcast_fp32" if grad_gemm_low else "fp32"
+    return grad_gemm_low, fp32_out_addmm
+
+
+def fold_chunk_gradients(z, logits, xs, w_c, w_acc, row_scale, grad_x_rows, grad_w, grad_gemm_low: bool,
+                         fp32_out_addmm: bool) -> None:
+    """One chunk's gradients from its unnormalised dlogits z (acc dtype, n x V; overwritten):
+    grad_x_rows = (z * row_scale) @ W and grad_w += (z * row_scale)^T @ xs, for row_scale (n x 1) the
+    softmax normaliser 1/total times any per-row weight. Either output may be None (not wanted).
+
+    On the fp32 path the row scale is applied to the small (n x C) operands and results instead of the
+    n x V buffer. On the low-precision path the dlogits are normalised first, so the low-precision copy
+    (written into the chunk's `logits` buffer) holds values in [-1, 1] (fp16-safe)."""
+    acc_dtype = z.dtype
+    if grad_gemm_low:
+        u = logits.copy_(z.mul_(row_scale))
+        if grad_x_rows is not None:
+            grad_x_rows.copy_(torch.mm(u, w_c))
+        if grad_w is not None:
+            _accumulate_grad_w_low(grad_w, u, xs, fp32_out_addmm)
+        return
+    if grad_x_rows is not None:
+        if grad_x_rows.dtype == acc_dtype:
+            torch.mm(z, w_acc, out=grad_x_rows)
+            grad_x_rows.mul_(row_scale)
+        else:
+            grad_x_rows.copy_(torch.mm(z, w_acc).mul_(row_scale))
+    if grad_w is not None:
+        grad_w.addmm_(z.t(), xs.to(acc_dtype) * row_scale)
+
+
+def target_free_exp(z: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one chunk's logits z (acc dtype, n x V, overwritten) and targets ts (n x 1): returns (row max m,
+    the target's logit z_y, rest = sum over j != y of exp(z_j - m)), leaving z = exp(z - m) with the
+    target column 0."""
+    z_target = z.gather(1, ts)
+    row_max = z.amax(dim=1, keepdim=True)
+    z.sub_(row_max).exp_()
+    z.scatter_(1, ts, 0.0)
+    return row_max, z_target, z.sum(dim=1, keepdim=True)
+
+
+def stable_ce(d: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row loss, 1/total) from d = z_y - m (<= 0) and rest = sum_{j != y} exp(z_j - m): loss =
+    log1p(expm1(d) + rest) - d, with no subtraction of two numbers near 1 (module docstring)."""
+    return torch.log1p(torch.expm1(d) + rest) - d, (torch.exp(d) + rest).reciprocal()
+
+
+def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_grad_w, grad_gemm_low=None):
+    """grad_gemm_low: force the low-precision gradient GEMMs on (True) or off (False); None decides."""
+    num_rows = x.shape[0]
+    device = x.device
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    grad_gemm_low, fp32_out_addmm = grad_gemm_plan(device, compute_dtype, need_grad_x, need_grad_w, grad_gemm_low)
 
     x_c = x.to(compute_dtype)
     w_c = weight.to(compute_dtype)
@@ -174,39 +226,18 @@ def _forward(x, weight, target, chunk_size, compute_dtype, need_grad_x, need_gra
         ts = target[start:stop].unsqueeze(1)
         logits = torch.mm(xs, w_c.t())
         z = logits if logits.dtype == acc_dtype else logits.to(acc_dtype)
-        z_target = z.gather(1, ts)
-        row_max = z.amax(dim=1, keepdim=True)
-        z.sub_(row_max).exp_()
-        z.scatter_(1, ts, 0.0)
-        rest = z.sum(dim=1, keepdim=True)  # sum of exp(z_j - m) over the non-target classes
+        row_max, z_target, rest = target_free_exp(z, ts)
         d = z_target - row_max  # <= 0
-        loss += (torch.log1p(torch.expm1(d) + rest) - d).sum()
+        row_loss, inv_total = stable_ce(d, rest)
+        loss += row_loss.sum()
 
         if need_grad_x or need_grad_w:
             # dlogits = softmax - onehot = u / total with u_j = exp(z_j - m) (j != y), u_y = -rest:
-            # p_y - 1 = -rest / total without cancellation. On the fp32 path the 1/total row scale is
-            # applied to the small (n x C) operands and results instead of the n x V buffer.
+            # p_y - 1 = -rest / total without cancellation.
             z.scatter_(1, ts, -rest)
-            inv_total = (torch.exp(d) + rest).reciprocal()
-            if grad_gemm_low:
-                # Normalise first so the low-precision copy holds values in [-1, 1] (fp16-safe).
-                u = logits.copy_(z.mul_(inv_total))  # reuse the low-precision logits buffer
-                z = None
-                if need_grad_x:
-                    grad_x[start:stop] = torch.mm(u, w_c)
-                if need_grad_w:
-                    _accumulate_grad_w_low(grad_w, u, xs, fp32_out_addmm)
-                u = None
-            else:
-                if need_grad_x:
-                    gx = grad_x[start:stop]
-                    if gx.dtype == acc_dtype:
-                        torch.mm(z, w_acc, out=gx)
-                        gx.mul_(inv_total)
-                    else:
-                        gx.copy_(torch.mm(z, w_acc).mul_(inv_total))
-                if need_grad_w:
-                    grad_w.addmm_(z.t(), xs.to(acc_dtype) * inv_total)
+            fold_chunk_gradients(z, logits, xs, w_c, w_acc, inv_total,
+                                 grad_x[start:stop] if need_grad_x else None, grad_w,
+                                 grad_gemm_low, fp32_out_addmm)
         del logits, z  # free this chunk's buffers before the next chunk allocates its own
 
     if grad_w is not None and grad_w.dtype != weight.dtype:

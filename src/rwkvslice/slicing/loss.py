@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from rwkvslice.slicing.chunked import ChunkedLinearCrossEntropy, choose_chunk_size
 from rwkvslice.slicing.errors import SlicingError, check
 from rwkvslice.slicing.select import IGNORE_INDEX, select_kept
+from rwkvslice.slicing.vocab_parallel import is_row_sharded, vocab_parallel_cross_entropy
 
 IMPLS = ("auto", "chunked", "torch", "full")
 
@@ -75,6 +76,11 @@ def linear_cross_entropy(
     then F.cross_entropy in fp32), "auto" (see resolve_impl). chunk_size overrides the rows per chunk
     of "chunked" / "torch". With no row left the result is an exact 0 that still depends on x and
     weight (zero gradients), so data-parallel gradient hooks fire on every rank.
+
+    A weight that is a DTensor sharded on dim 0 (FSDP's head) is never gathered: the call is then a
+    collective over its ranks, which score each other's rows against their own rows of W
+    (slicing.vocab_parallel; impl "auto" / "chunked" only), and W's gradient is that of the mean of the
+    ranks' losses, as data-parallel training averages gradients.
     """
     check(x.dim() == 2, f"x must be (N, C), got shape {tuple(x.shape)}")
     check(weight.dim() == 2, f"weight must be (V, C), got shape {tuple(weight.shape)}")
@@ -103,6 +109,8 @@ def linear_cross_entropy(
     if not bool(kept.all()):
         rows = torch.nonzero(kept).squeeze(1)
         x, target = x.index_select(0, rows), target.index_select(0, rows)
+    if is_row_sharded(weight):
+        return _vocab_parallel(x, weight, target, chunk_size, impl, divisor=1.0)
     if x.shape[0] == 0:
         return _connected_zero(x, weight)
 
@@ -129,22 +137,27 @@ def sliced_cross_entropy(
     follows the input at t; -100 = no loss). Returns the fp32 sum of CE over the N kept positions
     divided by num_items if given (the global kept count over gradient-accumulation micro-batches and
     ranks, int or tensor) else by N. With N = 0 the loss is an exact 0.0 connected to hidden and
-    head_weight, whose gradients are then exact zeros.
+    head_weight, whose gradients are then exact zeros. A row-sharded (DTensor) head_weight: see
+    linear_cross_entropy.
     """
     x, t = select_kept(hidden, targets)
     _check_target_range(targets, head_weight.shape[0], name="targets")  # names the (b, t) position
-    total = linear_cross_entropy(x, head_weight, t, chunk_size=chunk_size, impl=impl)
     kept = x.shape[0]
+    check(
+        num_items is None or isinstance(num_items, torch.Tensor)
+        or (isinstance(num_items, numbers.Integral) and num_items >= kept),
+        f"num_items must be an int >= the {kept} kept targets of this batch (or a tensor), got {num_items!r}",
+    )
+    if is_row_sharded(head_weight):  # FSDP's head: the divisor goes into the rows (slicing.vocab_parallel)
+        divisor = num_items if num_items is not None else max(kept, 1)
+        return _vocab_parallel(x, head_weight, t, chunk_size, resolve_impl(impl), divisor=divisor)
+    total = linear_cross_entropy(x, head_weight, t, chunk_size=chunk_size, impl=impl)
     if kept == 0:
         return total  # already the connected 0; dividing could make 0/0 when num_items == 0
     if num_items is None:
         return total / kept
     if isinstance(num_items, torch.Tensor):
         return total / num_items.to(device=total.device, dtype=total.dtype)
-    check(
-        isinstance(num_items, numbers.Integral) and num_items >= kept,
-        f"num_items must be an int >= the {kept} kept targets of this batch (or a tensor), got {num_items!r}",
-    )
     return total / num_items
 
 
@@ -157,6 +170,15 @@ def _chunked(x, weight, target, chunk_size, dtype):
     need_grad_w = grad_on and weight.requires_grad
     rows = chunk_size or choose_chunk_size(x.shape[0], weight.shape[0], weight.shape[1], dtype)
     return ChunkedLinearCrossEntropy.apply(x, weight, target, rows, dtype, need_grad_x, need_grad_w)
+
+
+def _vocab_parallel(x, weight, target, chunk_size, impl, *, divisor):
+    """A row-sharded (DTensor) weight: every rank scores every rank's rows against its own rows of W."""
+    check(impl == "chunked", f"impl={impl!r} needs the whole weight; a row-sharded (FSDP) head weight runs "
+          "the vocabulary-parallel chunked loss only (impl='auto' or 'chunked')")
+    local = weight.to_local()
+    return vocab_parallel_cross_entropy(x, weight, target, divisor=divisor, compute_dtype=compute_dtype(x, local),
+                                        chunk_size=chunk_size)
 
 
 def _torch_chunked(x, weight, target, chunk_size, dtype):

@@ -9,11 +9,11 @@ on the local shards (AdamW's per-tensor loop works on DTensors unchanged).
 
 What the trainer needs from this module (the hooks are narrow on purpose):
 - `check_launch`: refuse `--shard fsdp` where it cannot run (no distributed launch, no FSDP2).
-- `shard_model`: `fully_shard` the embedding, each block and the head, then the root; `model.loss` and
-  `model.head.loss` registered as forward methods, since slicing calls them, not `forward`. bf16 goes
-  through FSDP2's MixedPrecisionPolicy. The embedding and the head are never gathered in backward, and
-  on CPU the gradient reduction and the all-gathers avoid gloo's and FSDP's extra copies
-  (`InPlaceReduceScatter`; reports/bench-fsdp.md).
+- `shard_model`: `fully_shard` the embedding, each block and the head, then the root; `model.loss`
+  registered as a forward method, since slicing calls it, not `forward`. bf16 goes
+  through FSDP2's MixedPrecisionPolicy. The embedding is never gathered in backward, the head never for
+  the loss (vocabulary-parallel, slicing.vocab_parallel), and on CPU the gradient reduction and the
+  all-gathers avoid gloo's and FSDP's extra copies (`InPlaceReduceScatter`; reports/bench-fsdp.md).
 - `ShardedLossModule`: the LossModule whose `no_sync()` turns the gradient reduce-scatter off on the
   non-final accumulation micro-batches (as DDP's `no_sync`).
 - `save_shards` / `load_shards`: torch.distributed.checkpoint of the model and optimizer state; every
@@ -107,11 +107,9 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
     # (with a 65536-token vocab each is as large as several blocks). The root (final norm, a tuned initial
     # state) is never resharded between forward and backward, so what stays in it stays whole all step.
     # Neither is needed whole in backward: the embedding's backward scatters rows of its gradient without
-    # reading the weight, and the head's sliced loss computes both of its gradients in forward
-    # (slicing.chunked), so backward only hands them over. So both are freed right after their forward
-    # (whatever --reshard-after-forward says: there is no re-gather to save) and never gathered again:
-    # one V x C all-gather less each per step, and no V x C copy of the head while its gradient is
-    # reduced, early in backward, when every activation is still alive.
+    # reading the weight, and the head's loss does not gather it at all (below). So both are freed right
+    # after any forward (whatever --reshard-after-forward says: there is no re-gather to save) and never
+    # gathered for backward: one V x C all-gather less per step for the embedding.
     api.fully_shard(model.emb, reshard_after_forward=True, mp_policy=mp)
     for block in model.blocks:
         api.fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
@@ -137,9 +135,15 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
     # outputs in place (the shift states are copies, rwkv7.py), so this one warning says nothing here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
                             category=UserWarning)
-    # slicing runs model.loss, never forward; and model.loss runs head.loss (the sliced CE on head.weight)
+    # slicing runs model.loss, never forward. model.loss runs head.loss, which is deliberately *not* an
+    # FSDP forward method: the head is never gathered for the loss. Its weight stays the sharded DTensor,
+    # and the sliced loss then runs vocabulary-parallel (slicing.vocab_parallel): every rank scores all
+    # ranks' kept rows against its own V / world rows, and gets its rows' complete gradient in forward,
+    # which autograd accumulates straight into the sharded .grad (nothing for FSDP to reduce-scatter).
+    # That saves, per rank, the gathered V x C weight, the unsharded V x C gradient and FSDP's V x C
+    # reduce-scatter buffer, early in backward when every activation is alive (reports/bench-fsdp.md).
+    # head(x) (logits for generation) still gathers it through FSDP's forward hooks.
     api.register_fsdp_forward_method(model, "loss")
-    api.register_fsdp_forward_method(model.head, "loss")
 
 
 class InPlaceReduceScatter:
