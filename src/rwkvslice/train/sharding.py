@@ -91,8 +91,9 @@ def check_launch(shard: str, env: DistEnv) -> None:
 
 
 def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_after_forward: bool = True) -> None:
-    """Shard `model` in place: one FSDP unit for the embedding and one per block (each all-gathered
-    just before it runs), then the root (final norm, head). Parameters become DTensors holding this rank's shard.
+    """Shard `model` in place: one FSDP unit for the embedding, one per block (each all-gathered just
+    before it runs) and one for the head, then the root (final norm, a tuned initial state). Parameters
+    become DTensors holding this rank's shard.
 
     bf16: the all-gathered parameters are cast to bf16 for compute, gradients are reduced in fp32 and
     the sharded master weights (and so AdamW's moments) stay fp32. No GradScaler: bf16 has fp32's range.
@@ -103,8 +104,8 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
         mp = api.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = api.MixedPrecisionPolicy()
-    # the embedding and the head are units of their own, gathered only around their use and its backward
-    # (with a 65536-token vocab each is as large as several blocks). The root (final norm, a tuned initial
+    # the embedding and the head are units of their own, gathered only around their use (with a
+    # 65536-token vocab each is as large as several blocks). The root (final norm, a tuned initial
     # state) is never resharded between forward and backward, so what stays in it stays whole all step.
     # Neither is needed whole in backward: the embedding's backward scatters rows of its gradient without
     # reading the weight, and the head's loss does not gather it at all (below). So both are freed right
@@ -123,10 +124,10 @@ def shard_model(model: RWKV7, env: DistEnv, *, precision: str = "fp32", reshard_
             if hasattr(unit, "set_custom_reduce_scatter"):  # torch >= 2.8; older ones keep gloo's own
                 unit.set_custom_reduce_scatter(InPlaceReduceScatter())
         # A synchronous all-gather keeps its flat output buffer (a second copy of the unit) until the
-        # next unit's all-gather, so that on CUDA the copy-out can overlap it. The head is the last unit
-        # of forward: its extra V x C copy lived through the whole sliced loss, the step's peak. CPU has
-        # no streams to overlap, so free each buffer as soon as it is copied out (what FSDP does for an
-        # async all-gather; gloo runs it at once either way).
+        # next unit's all-gather, so that on CUDA the copy-out can overlap it. The last unit gathered in
+        # forward kept that copy through the whole sliced loss, the step's peak. CPU has no streams to
+        # overlap, so free each buffer as soon as it is copied out (what FSDP does for an async
+        # all-gather; gloo runs it at once either way).
         if hasattr(model, "_set_unshard_async_op"):
             model._set_unshard_async_op(True)  # type: ignore[operator]
     # Blocks 1..L-1 hand v_first (layer 0's values) on unchanged, and FSDP2 passes a unit's inputs through
@@ -152,7 +153,7 @@ class InPlaceReduceScatter:
 
     gloo's reduce_scatter_single first copies its whole input: +386 MiB of max RSS for a 256 MiB input
     at 2 ranks, against +130 MiB for all_reduce in place (which was also faster, 0.47 s vs 0.78 s), and
-    the head's gradient is such an input (V x C). The input is FSDP's private copy of the unsharded
+    the embedding's gradient is such an input (V x C). The input is FSDP's private copy of the unsharded
     gradients, so reducing it in place loses nothing. gloo runs it synchronously: nothing is left in flight.
     """
 
