@@ -91,6 +91,12 @@ WORKER = textwrap.dedent("""
             (loss * (r + 1)).backward()
         except RuntimeError as exc:
             errors["unequal"] = str(exc)
+        loss = linear_cross_entropy(xs[r].clone().requires_grad_(True), sharded(w_full), ts[r])
+        loss.backward(retain_graph=True)
+        try:  # the gradients were handed over by the first backward
+            loss.backward()
+        except RuntimeError as exc:
+            errors["twice"] = str(exc)
         try:  # the full-logits impl would need the whole weight
             linear_cross_entropy(xs[r], w, ts[r], impl="full")
         except SlicingError as exc:
@@ -190,8 +196,9 @@ def test_nothing_kept_anywhere_is_an_exact_zero_with_zero_gradients(ranks_run):
         assert not got["grad_x"].any() and not got["grad_w"].any()
 
 
-def test_unequal_loss_scales_and_whole_weight_impls_are_refused_on_every_rank(ranks_run):
+def test_unequal_loss_scales_a_second_backward_and_whole_weight_impls_are_refused_on_every_rank(ranks_run):
     for r in range(WORLD):
         errors = json.loads((ranks_run / f"errors-rank{r}.json").read_text())
         assert "scaled differently before backward ([1.0, 2.0, 3.0])" in errors["unequal"], errors
         assert errors["impl"].startswith("impl='full' needs the whole weight"), errors
+        assert "backward ran twice" in errors["twice"], errors
